@@ -1,0 +1,18 @@
+/**
+ * TurboQuant for Deno and WebGPU: keep a transformer's KV cache compressed on the GPU
+ * (random rotation + Lloyd-Max scalar codes, 2-8 bits per value) and compute attention
+ * straight from the compressed cache.
+ *
+ * @example Encode and decode vectors on the CPU
+ * ```ts
+ * import { TurboQuantCodec } from "@turboquant/turboquant";
+ * const codec = new TurboQuantCodec({ headDim: 128, bits: 3 });
+ * const x = new Float32Array(128).map(() => Math.random() - 0.5);
+ * const decoded = codec.decode(codec.encode(x));
+ * console.log(codec.bitsPerValue, decoded.length);
+ * ```
+ *
+ * @module
+ */
+
+export { TurboQuantError, type TurboQuantErrorCode } from "./src/errors.ts";
