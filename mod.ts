@@ -16,3 +16,5 @@
  */
 
 export { TurboQuantError, type TurboQuantErrorCode } from "./src/errors.ts";
+export { type CodecOptions, type EncodedVectors, TurboQuantCodec } from "./src/codec/codec.ts";
+export { type Codebook, lloydMaxCodebook } from "./src/codec/codebook.ts";
