@@ -1,0 +1,368 @@
+/**
+ * Host side of the TurboQuant cache kernels for one codec (the keys' or the values'): encode
+ * rows into the cache (tq_encode + tq_pack, plus tq_sketch in prod mode), the key mean, and
+ * dequantize. Codes and scales equal those of {@linkcode TurboQuantCodec} with the same options.
+ *
+ * @module
+ */
+
+import type { TurboQuantCodec } from "../codec/codec.ts";
+import { getPipeline, withConstants } from "../gpu/_pipelines.ts";
+import { uniformLayout } from "../gpu/_uniforms.ts";
+import { createBuffer } from "../gpu/_buffers.ts";
+import { TQ_COMMON_WGSL } from "../_shaders/_tq_common.ts";
+import { TQ_ENCODE_WGSL } from "../_shaders/tq_encode.ts";
+import { TQ_PACK_WGSL } from "../_shaders/tq_pack.ts";
+import { TQ_SKETCH_WGSL } from "../_shaders/tq_sketch.ts";
+import { TQ_KEY_MEAN_WGSL } from "../_shaders/tq_key_mean.ts";
+import { TQ_DEQUANTIZE_WGSL } from "../_shaders/tq_dequantize.ts";
+
+const WORKGROUP = 64;
+
+const ENCODE_PARAMS = uniformLayout({ tokens: "u32", heads: "u32", center: "u32", width: "u32" });
+const PACK_PARAMS = uniformLayout({
+  tokens: "u32",
+  heads: "u32",
+  index_dst: "u32",
+  scale_dst: "u32",
+  width: "u32",
+});
+const SKETCH_PARAMS = uniformLayout({
+  tokens: "u32",
+  heads: "u32",
+  sign_dst: "u32",
+  norm_dst: "u32",
+  width: "u32",
+});
+const MEAN_PARAMS = uniformLayout({ tokens: "u32", head_dim: "u32" });
+const DEQUANTIZE_PARAMS = uniformLayout({
+  tokens: "u32",
+  heads: "u32",
+  first_token: "u32",
+  seq_len: "u32",
+  index_src: "u32",
+  scale_src: "u32",
+  center: "u32",
+  width: "u32",
+});
+
+/** The per-token row sizes, in u32 words, of the buffers one codec writes. */
+export interface RowWords {
+  index: number;
+  scales: number;
+  signs: number;
+  norms: number;
+}
+
+/** Cache rows of one codec: buffers in token-major layout. */
+export interface CodecRows {
+  index: GPUBuffer;
+  scales: GPUBuffer;
+  signs?: GPUBuffer;
+  norms?: GPUBuffer;
+}
+
+/** A range of rows bound for a dispatch: the bound window and the word offset inside it. */
+interface RowWindow {
+  binding: GPUBufferBinding;
+  wordOffset: number;
+}
+
+/** The f32 tables every kernel reads: signs, boundaries, centroids, scale factors. */
+function tablesOf(codec: TurboQuantCodec): Float32Array {
+  const levels = 1 << codec.codeBits;
+  const t = new Float32Array(codec.headDim + 2 * levels - 1 + codec.scaleSearch);
+  t.set(codec.signs, 0);
+  t.set(codec.boundaries, codec.headDim);
+  t.set(codec.centroids, codec.headDim + levels - 1);
+  t.set(codec.scaleFactors, codec.headDim + 2 * levels - 1);
+  return t;
+}
+
+function constantsOf(codec: TurboQuantCodec): Record<string, number | boolean> {
+  return {
+    HEAD_DIM: codec.headDim,
+    BLOCK: codec.blockSize,
+    NUM_BLOCKS: codec.numBlocks,
+    CODE_BITS: codec.codeBits,
+    LEVELS: 1 << codec.codeBits,
+    WORDS: codec.wordsPerVector,
+    SIGN_WORDS: Math.max(1, codec.signWordsPerVector),
+    SEARCH: codec.scaleSearch,
+    NORM_CORRECTION: codec.normCorrection,
+    FWHT_SCALE: Math.fround(1 / Math.sqrt(codec.blockSize)),
+  };
+}
+
+type Pipelines = Record<
+  "encode" | "pack" | "sketch" | "mean" | "dequantize",
+  GPUComputePipeline | undefined
+>;
+
+/** The GPU side of one codec for a cache with `heads` KV heads. */
+export class TurboQuantCoder {
+  readonly device: GPUDevice;
+  readonly codec: TurboQuantCodec;
+  readonly heads: number;
+  readonly rowWords: RowWords;
+  readonly #tables: GPUBuffer;
+  readonly #qjl: GPUBuffer | undefined;
+  readonly #pipelines: Pipelines;
+  readonly #transient: GPUBuffer[] = [];
+
+  private constructor(
+    device: GPUDevice,
+    codec: TurboQuantCodec,
+    heads: number,
+    pipelines: Pipelines,
+  ) {
+    this.device = device;
+    this.codec = codec;
+    this.heads = heads;
+    const prod = codec.mode === "prod";
+    this.rowWords = {
+      index: heads * codec.wordsPerVector,
+      scales: Math.ceil((heads * codec.numBlocks) / 2),
+      signs: prod ? heads * codec.signWordsPerVector : 0,
+      norms: prod ? Math.ceil(heads / 2) : 0,
+    };
+    const tables = tablesOf(codec);
+    this.#tables = createBuffer(
+      device,
+      "turboquant/codec-tables",
+      tables.byteLength,
+      GPUBufferUsage.STORAGE,
+      tables,
+    );
+    this.#qjl = codec.qjlMatrix
+      ? createBuffer(
+        device,
+        "turboquant/qjl-matrix",
+        codec.qjlMatrix.byteLength,
+        GPUBufferUsage.STORAGE,
+        codec.qjlMatrix,
+      )
+      : undefined;
+    this.#pipelines = pipelines;
+  }
+
+  /** Compiles (or takes from the per-device cache) the kernels of `codec`. */
+  static async create(
+    device: GPUDevice,
+    codec: TurboQuantCodec,
+    heads: number,
+    withMean: boolean,
+  ): Promise<TurboQuantCoder> {
+    const code = (kernel: string) => withConstants(TQ_COMMON_WGSL + kernel, constantsOf(codec));
+    const [encode, pack, sketch, mean, dequantize] = await Promise.all([
+      getPipeline(device, { label: "turboquant/tq-encode", code: code(TQ_ENCODE_WGSL) }),
+      getPipeline(device, { label: "turboquant/tq-pack", code: code(TQ_PACK_WGSL) }),
+      codec.mode === "prod"
+        ? getPipeline(device, { label: "turboquant/tq-sketch", code: code(TQ_SKETCH_WGSL) })
+        : undefined,
+      withMean
+        ? getPipeline(device, { label: "turboquant/tq-key-mean", code: TQ_KEY_MEAN_WGSL })
+        : undefined,
+      getPipeline(device, { label: "turboquant/tq-dequantize", code: code(TQ_DEQUANTIZE_WGSL) }),
+    ]);
+    return new TurboQuantCoder(device, codec, heads, { encode, pack, sketch, mean, dequantize });
+  }
+
+  /** Scratch bytes one `encode` of `tokens` tokens needs. */
+  scratchBytes(tokens: number): number {
+    return 4 * tokens * this.heads * (2 * this.codec.headDim + this.codec.numBlocks);
+  }
+
+  /**
+   * Records the mean over `tokens` tokens of `src` ([heads][tokens][headDim] f32) into
+   * `keyMean` ([heads][headDim] f32).
+   */
+  recordMean(encoder: GPUCommandEncoder, src: GPUBuffer, tokens: number, keyMean: GPUBuffer): void {
+    const d = this.codec.headDim;
+    this.#dispatch(encoder, this.#pipelines.mean!, [
+      this.#uniform(MEAN_PARAMS.pack({ tokens, head_dim: d })),
+      { buffer: src, size: tokens * this.heads * d * 4 },
+      { buffer: keyMean },
+    ], [d, this.heads]);
+  }
+
+  /**
+   * Records the encoding of `tokens` tokens of `src` ([heads][tokens][headDim] f32) into the
+   * rows `firstToken ..` of `rows`, using `scratch` (at least `scratchBytes(tokens)` bytes).
+   */
+  recordEncode(
+    encoder: GPUCommandEncoder,
+    src: GPUBuffer,
+    tokens: number,
+    keyMean: GPUBuffer | null,
+    rows: CodecRows,
+    firstToken: number,
+    scratch: GPUBuffer,
+  ): void {
+    const { headDim: d, numBlocks: nb } = this.codec;
+    const h = this.heads;
+    const codesBytes = 4 * tokens * h * d;
+    const scalesBytes = 4 * tokens * h * nb;
+    const codes = { buffer: scratch, offset: 0, size: codesBytes };
+    const scales = { buffer: scratch, offset: roundTo256(codesBytes), size: scalesBytes };
+    const residual = {
+      buffer: scratch,
+      offset: roundTo256(codesBytes) + roundTo256(scalesBytes),
+      size: codesBytes,
+    };
+    const blocks = tokens * h * nb;
+    const [ex, ey] = grid(blocks, this.device);
+    this.#dispatch(encoder, this.#pipelines.encode!, [
+      this.#uniform(ENCODE_PARAMS.pack({
+        tokens,
+        heads: h,
+        center: keyMean ? 1 : 0,
+        width: ex * WORKGROUP,
+      })),
+      { buffer: src, size: 4 * tokens * h * d },
+      { buffer: this.#tables },
+      { buffer: keyMean ?? this.#tables },
+      codes,
+      scales,
+      residual,
+    ], [ex, ey]);
+
+    const index = this.#window(rows.index, this.rowWords.index, firstToken, tokens);
+    const scaleRows = this.#window(rows.scales, this.rowWords.scales, firstToken, tokens);
+    const words = tokens * (this.rowWords.index + this.rowWords.scales);
+    const [px, py] = grid(words, this.device);
+    this.#dispatch(encoder, this.#pipelines.pack!, [
+      this.#uniform(PACK_PARAMS.pack({
+        tokens,
+        heads: h,
+        index_dst: index.wordOffset,
+        scale_dst: scaleRows.wordOffset,
+        width: px * WORKGROUP,
+      })),
+      codes,
+      scales,
+      index.binding,
+      scaleRows.binding,
+    ], [px, py]);
+
+    if (this.#pipelines.sketch && rows.signs && rows.norms) {
+      const signs = this.#window(rows.signs, this.rowWords.signs, firstToken, tokens);
+      const norms = this.#window(rows.norms, this.rowWords.norms, firstToken, tokens);
+      const [sx, sy] = grid(tokens * (this.rowWords.signs + this.rowWords.norms), this.device);
+      this.#dispatch(encoder, this.#pipelines.sketch, [
+        this.#uniform(SKETCH_PARAMS.pack({
+          tokens,
+          heads: h,
+          sign_dst: signs.wordOffset,
+          norm_dst: norms.wordOffset,
+          width: sx * WORKGROUP,
+        })),
+        residual,
+        { buffer: this.#qjl! },
+        signs.binding,
+        norms.binding,
+      ], [sx, sy]);
+    }
+  }
+
+  /**
+   * Records the decoding of rows `firstToken .. firstToken + tokens` into `dst`
+   * ([heads][seqLen][headDim] f32) at positions `firstToken ..`, adding `keyMean` if given.
+   */
+  recordDequantize(
+    encoder: GPUCommandEncoder,
+    rows: CodecRows,
+    firstToken: number,
+    tokens: number,
+    keyMean: GPUBuffer | null,
+    dst: GPUBuffer,
+    seqLen: number,
+  ): void {
+    const index = this.#window(rows.index, this.rowWords.index, firstToken, tokens);
+    const scales = this.#window(rows.scales, this.rowWords.scales, firstToken, tokens);
+    const [x, y] = grid(tokens * this.heads * this.codec.numBlocks, this.device);
+    this.#dispatch(encoder, this.#pipelines.dequantize!, [
+      this.#uniform(DEQUANTIZE_PARAMS.pack({
+        tokens,
+        heads: this.heads,
+        first_token: firstToken,
+        seq_len: seqLen,
+        index_src: index.wordOffset,
+        scale_src: scales.wordOffset,
+        center: keyMean ? 1 : 0,
+        width: x * WORKGROUP,
+      })),
+      index.binding,
+      scales.binding,
+      { buffer: this.#tables },
+      { buffer: keyMean ?? this.#tables },
+      { buffer: dst },
+    ], [x, y]);
+  }
+
+  /** Destroys the uniform buffers of recorded work; call once it was submitted. */
+  releaseTransient(): void {
+    for (const b of this.#transient.splice(0)) b.destroy();
+  }
+
+  /** Destroys the codec tables. */
+  destroy(): void {
+    this.releaseTransient();
+    this.#tables.destroy();
+    this.#qjl?.destroy();
+  }
+
+  /** The window of rows `first .. first + count` (rowWords words each) of `buffer`. */
+  #window(buffer: GPUBuffer, rowWords: number, first: number, count: number): RowWindow {
+    const start = first * rowWords * 4;
+    const offset = start - (start % this.device.limits.minStorageBufferOffsetAlignment);
+    const size = start + count * rowWords * 4 - offset;
+    return {
+      binding: { buffer, offset, size: Math.max(4, size) },
+      wordOffset: (start - offset) / 4,
+    };
+  }
+
+  #uniform(bytes: Uint8Array<ArrayBuffer>): GPUBufferBinding {
+    const buffer = createBuffer(
+      this.device,
+      "turboquant/tq-params",
+      bytes.byteLength,
+      GPUBufferUsage.UNIFORM,
+      bytes,
+    );
+    this.#transient.push(buffer);
+    return { buffer };
+  }
+
+  #dispatch(
+    encoder: GPUCommandEncoder,
+    pipeline: GPUComputePipeline,
+    resources: GPUBufferBinding[],
+    [x, y]: number[],
+  ): void {
+    const bindGroup = this.device.createBindGroup({
+      label: `turboquant/${pipeline.label.replace("turboquant/", "")}-bind`,
+      layout: pipeline.getBindGroupLayout(0),
+      entries: resources.map((resource, binding) => ({ binding, resource })),
+    });
+    const pass = encoder.beginComputePass({ label: pipeline.label });
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.dispatchWorkgroups(x, y);
+    pass.end();
+  }
+}
+
+function roundTo256(n: number): number {
+  return Math.ceil(n / 256) * 256;
+}
+
+/** A 2D grid of 64-invocation workgroups covering `n` invocations. */
+function grid(n: number, device: GPUDevice): [number, number] {
+  const groups = Math.max(1, Math.ceil(n / WORKGROUP));
+  const maxX = device.limits.maxComputeWorkgroupsPerDimension;
+  if (groups <= maxX) return [groups, 1];
+  const y = Math.ceil(groups / maxX);
+  return [Math.ceil(groups / y), y];
+}
