@@ -18,3 +18,14 @@
 export { TurboQuantError, type TurboQuantErrorCode } from "./src/errors.ts";
 export { type CodecOptions, type EncodedVectors, TurboQuantCodec } from "./src/codec/codec.ts";
 export { type Codebook, lloydMaxCodebook } from "./src/codec/codebook.ts";
+export {
+  type EncodedLayer,
+  type KVCacheOptions,
+  TurboQuantKVCache,
+} from "./src/cache/turboquant_kv_cache.ts";
+export {
+  type AdapterDescription,
+  describeAdapter,
+  type DeviceOptions,
+  requestTurboQuantDevice,
+} from "./src/gpu/device.ts";

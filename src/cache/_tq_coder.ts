@@ -7,9 +7,8 @@
  */
 
 import type { TurboQuantCodec } from "../codec/codec.ts";
-import { getPipeline, withConstants } from "../gpu/_pipelines.ts";
+import { composeShader, getPipeline } from "../gpu/_pipelines.ts";
 import { uniformLayout } from "../gpu/_uniforms.ts";
-import { createBuffer } from "../gpu/_buffers.ts";
 import { TQ_COMMON_WGSL } from "../_shaders/_tq_common.ts";
 import { TQ_ENCODE_WGSL } from "../_shaders/tq_encode.ts";
 import { TQ_PACK_WGSL } from "../_shaders/tq_pack.ts";
@@ -45,6 +44,12 @@ const DEQUANTIZE_PARAMS = uniformLayout({
   center: "u32",
   width: "u32",
 });
+
+/** Where commands go: uniform slots and labelled compute passes (a cache job is one). */
+export interface Recorder {
+  readonly uniforms: { slot(bytes: Uint8Array): GPUBufferBinding };
+  beginComputePass(label: string): GPUComputePassEncoder;
+}
 
 /** The per-token row sizes, in u32 words, of the buffers one codec writes. */
 export interface RowWords {
@@ -107,14 +112,22 @@ export class TurboQuantCoder {
   readonly rowWords: RowWords;
   readonly #tables: GPUBuffer;
   readonly #qjl: GPUBuffer | undefined;
-  readonly #pipelines: Pipelines;
-  readonly #transient: GPUBuffer[] = [];
+  #pipelines: Pipelines = {
+    encode: undefined,
+    pack: undefined,
+    sketch: undefined,
+    mean: undefined,
+    dequantize: undefined,
+  };
 
-  private constructor(
+  /**
+   * @param makeBuffer Creates the read-only table buffers (the owner counts and frees them).
+   */
+  constructor(
     device: GPUDevice,
     codec: TurboQuantCodec,
     heads: number,
-    pipelines: Pipelines,
+    makeBuffer: (label: string, data: Float32Array) => GPUBuffer,
   ) {
     this.device = device;
     this.codec = codec;
@@ -126,34 +139,15 @@ export class TurboQuantCoder {
       signs: prod ? heads * codec.signWordsPerVector : 0,
       norms: prod ? Math.ceil(heads / 2) : 0,
     };
-    const tables = tablesOf(codec);
-    this.#tables = createBuffer(
-      device,
-      "turboquant/codec-tables",
-      tables.byteLength,
-      GPUBufferUsage.STORAGE,
-      tables,
-    );
-    this.#qjl = codec.qjlMatrix
-      ? createBuffer(
-        device,
-        "turboquant/qjl-matrix",
-        codec.qjlMatrix.byteLength,
-        GPUBufferUsage.STORAGE,
-        codec.qjlMatrix,
-      )
-      : undefined;
-    this.#pipelines = pipelines;
+    this.#tables = makeBuffer("codec-tables", tablesOf(codec));
+    this.#qjl = codec.qjlMatrix ? makeBuffer("qjl-matrix", codec.qjlMatrix) : undefined;
   }
 
-  /** Compiles (or takes from the per-device cache) the kernels of `codec`. */
-  static async create(
-    device: GPUDevice,
-    codec: TurboQuantCodec,
-    heads: number,
-    withMean: boolean,
-  ): Promise<TurboQuantCoder> {
-    const code = (kernel: string) => withConstants(TQ_COMMON_WGSL + kernel, constantsOf(codec));
+  /** Compiles (or takes from the per-device cache) the kernels; call before recording. */
+  async prepare(withMean: boolean): Promise<void> {
+    const device = this.device;
+    const codec = this.codec;
+    const code = (kernel: string) => composeShader(constantsOf(codec), TQ_COMMON_WGSL, kernel);
     const [encode, pack, sketch, mean, dequantize] = await Promise.all([
       getPipeline(device, { label: "turboquant/tq-encode", code: code(TQ_ENCODE_WGSL) }),
       getPipeline(device, { label: "turboquant/tq-pack", code: code(TQ_PACK_WGSL) }),
@@ -161,11 +155,14 @@ export class TurboQuantCoder {
         ? getPipeline(device, { label: "turboquant/tq-sketch", code: code(TQ_SKETCH_WGSL) })
         : undefined,
       withMean
-        ? getPipeline(device, { label: "turboquant/tq-key-mean", code: TQ_KEY_MEAN_WGSL })
+        ? getPipeline(device, {
+          label: "turboquant/tq-key-mean",
+          code: composeShader({}, TQ_KEY_MEAN_WGSL),
+        })
         : undefined,
       getPipeline(device, { label: "turboquant/tq-dequantize", code: code(TQ_DEQUANTIZE_WGSL) }),
     ]);
-    return new TurboQuantCoder(device, codec, heads, { encode, pack, sketch, mean, dequantize });
+    this.#pipelines = { encode, pack, sketch, mean, dequantize };
   }
 
   /** Scratch bytes one `encode` of `tokens` tokens needs. */
@@ -177,10 +174,10 @@ export class TurboQuantCoder {
    * Records the mean over `tokens` tokens of `src` ([heads][tokens][headDim] f32) into
    * `keyMean` ([heads][headDim] f32).
    */
-  recordMean(encoder: GPUCommandEncoder, src: GPUBuffer, tokens: number, keyMean: GPUBuffer): void {
+  recordMean(rec: Recorder, src: GPUBuffer, tokens: number, keyMean: GPUBuffer): void {
     const d = this.codec.headDim;
-    this.#dispatch(encoder, this.#pipelines.mean!, [
-      this.#uniform(MEAN_PARAMS.pack({ tokens, head_dim: d })),
+    this.#dispatch(rec, this.#pipelines.mean!, [
+      rec.uniforms.slot(MEAN_PARAMS.pack({ tokens, head_dim: d })),
       { buffer: src, size: tokens * this.heads * d * 4 },
       { buffer: keyMean },
     ], [d, this.heads]);
@@ -191,7 +188,7 @@ export class TurboQuantCoder {
    * rows `firstToken ..` of `rows`, using `scratch` (at least `scratchBytes(tokens)` bytes).
    */
   recordEncode(
-    encoder: GPUCommandEncoder,
+    rec: Recorder,
     src: GPUBuffer,
     tokens: number,
     keyMean: GPUBuffer | null,
@@ -212,8 +209,8 @@ export class TurboQuantCoder {
     };
     const blocks = tokens * h * nb;
     const [ex, ey] = grid(blocks, this.device);
-    this.#dispatch(encoder, this.#pipelines.encode!, [
-      this.#uniform(ENCODE_PARAMS.pack({
+    this.#dispatch(rec, this.#pipelines.encode!, [
+      rec.uniforms.slot(ENCODE_PARAMS.pack({
         tokens,
         heads: h,
         center: keyMean ? 1 : 0,
@@ -231,8 +228,8 @@ export class TurboQuantCoder {
     const scaleRows = this.#window(rows.scales, this.rowWords.scales, firstToken, tokens);
     const words = tokens * (this.rowWords.index + this.rowWords.scales);
     const [px, py] = grid(words, this.device);
-    this.#dispatch(encoder, this.#pipelines.pack!, [
-      this.#uniform(PACK_PARAMS.pack({
+    this.#dispatch(rec, this.#pipelines.pack!, [
+      rec.uniforms.slot(PACK_PARAMS.pack({
         tokens,
         heads: h,
         index_dst: index.wordOffset,
@@ -249,8 +246,8 @@ export class TurboQuantCoder {
       const signs = this.#window(rows.signs, this.rowWords.signs, firstToken, tokens);
       const norms = this.#window(rows.norms, this.rowWords.norms, firstToken, tokens);
       const [sx, sy] = grid(tokens * (this.rowWords.signs + this.rowWords.norms), this.device);
-      this.#dispatch(encoder, this.#pipelines.sketch, [
-        this.#uniform(SKETCH_PARAMS.pack({
+      this.#dispatch(rec, this.#pipelines.sketch, [
+        rec.uniforms.slot(SKETCH_PARAMS.pack({
           tokens,
           heads: h,
           sign_dst: signs.wordOffset,
@@ -266,27 +263,26 @@ export class TurboQuantCoder {
   }
 
   /**
-   * Records the decoding of rows `firstToken .. firstToken + tokens` into `dst`
-   * ([heads][seqLen][headDim] f32) at positions `firstToken ..`, adding `keyMean` if given.
+   * Records the decoding of rows `firstToken .. firstToken + tokens` into `dst.buffer`
+   * ([heads][dst.seqLen][headDim] f32) at positions `dst.first ..`, adding `keyMean` if given.
    */
   recordDequantize(
-    encoder: GPUCommandEncoder,
+    rec: Recorder,
     rows: CodecRows,
     firstToken: number,
     tokens: number,
     keyMean: GPUBuffer | null,
-    dst: GPUBuffer,
-    seqLen: number,
+    dst: { buffer: GPUBuffer; seqLen: number; first: number },
   ): void {
     const index = this.#window(rows.index, this.rowWords.index, firstToken, tokens);
     const scales = this.#window(rows.scales, this.rowWords.scales, firstToken, tokens);
     const [x, y] = grid(tokens * this.heads * this.codec.numBlocks, this.device);
-    this.#dispatch(encoder, this.#pipelines.dequantize!, [
-      this.#uniform(DEQUANTIZE_PARAMS.pack({
+    this.#dispatch(rec, this.#pipelines.dequantize!, [
+      rec.uniforms.slot(DEQUANTIZE_PARAMS.pack({
         tokens,
         heads: this.heads,
-        first_token: firstToken,
-        seq_len: seqLen,
+        first_token: dst.first,
+        seq_len: dst.seqLen,
         index_src: index.wordOffset,
         scale_src: scales.wordOffset,
         center: keyMean ? 1 : 0,
@@ -296,20 +292,8 @@ export class TurboQuantCoder {
       scales.binding,
       { buffer: this.#tables },
       { buffer: keyMean ?? this.#tables },
-      { buffer: dst },
+      { buffer: dst.buffer },
     ], [x, y]);
-  }
-
-  /** Destroys the uniform buffers of recorded work; call once it was submitted. */
-  releaseTransient(): void {
-    for (const b of this.#transient.splice(0)) b.destroy();
-  }
-
-  /** Destroys the codec tables. */
-  destroy(): void {
-    this.releaseTransient();
-    this.#tables.destroy();
-    this.#qjl?.destroy();
   }
 
   /** The window of rows `first .. first + count` (rowWords words each) of `buffer`. */
@@ -323,20 +307,8 @@ export class TurboQuantCoder {
     };
   }
 
-  #uniform(bytes: Uint8Array<ArrayBuffer>): GPUBufferBinding {
-    const buffer = createBuffer(
-      this.device,
-      "turboquant/tq-params",
-      bytes.byteLength,
-      GPUBufferUsage.UNIFORM,
-      bytes,
-    );
-    this.#transient.push(buffer);
-    return { buffer };
-  }
-
   #dispatch(
-    encoder: GPUCommandEncoder,
+    rec: Recorder,
     pipeline: GPUComputePipeline,
     resources: GPUBufferBinding[],
     [x, y]: number[],
@@ -346,7 +318,7 @@ export class TurboQuantCoder {
       layout: pipeline.getBindGroupLayout(0),
       entries: resources.map((resource, binding) => ({ binding, resource })),
     });
-    const pass = encoder.beginComputePass({ label: pipeline.label });
+    const pass = rec.beginComputePass(pipeline.label.replace("turboquant/", ""));
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
     pass.dispatchWorkgroups(x, y);
