@@ -36,7 +36,7 @@ export interface KVCacheOptions extends KVCacheBaseOptions {
    * shared by all of a query's scores); `dequantize` adds the mean back.
    */
   keyCentering?: boolean;
-  /** Seed of the rotations (keys use `seed`, values `seed + 1`); default 0. */
+  /** Seed of the rotations and of the QJL matrix; default 0. */
   seed?: number;
   /** Candidate scales per block (see {@linkcode CodecOptions}); default 9. */
   scaleSearch?: number;
@@ -98,8 +98,8 @@ export class TurboQuantKVCache extends KVCacheBase {
     check(typeof keyCentering === "boolean", `keyCentering ${keyCentering} is not a boolean`);
     const seed = options.seed ?? 0;
     check(
-      Number.isInteger(seed) && seed >= 0 && seed < 0xffffffff,
-      `seed ${seed} is not an integer in [0, 2^32 - 1)`,
+      Number.isInteger(seed) && seed >= 0 && seed <= 0xffffffff,
+      `seed ${seed} is not a u32 integer`,
     );
     const common = { headDim, blockSize: options.blockSize, scaleSearch: options.scaleSearch };
     const keyCodec = new TurboQuantCodec({
@@ -111,7 +111,7 @@ export class TurboQuantKVCache extends KVCacheBase {
     const valueCodec = new TurboQuantCodec({
       ...common,
       bits: options.valueBits ?? 3,
-      seed: seed + 1,
+      seed,
     });
     check(
       keyCodec.blockSize <= 256,
