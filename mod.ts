@@ -29,3 +29,27 @@ export {
   type DeviceOptions,
   requestTurboQuantDevice,
 } from "./src/gpu/device.ts";
+export {
+  type AppendEncoder,
+  type AppendJob,
+  type AttentionBufferOptions,
+  type AttentionEncoder,
+  type AttentionJob,
+  type AttentionOptions,
+  type AttentionShape,
+  type CacheJob,
+  type DequantizedLayer,
+  type DequantizeEncoder,
+  type DequantizeJob,
+  KVCacheBase,
+  type KVCacheBaseOptions,
+  LayerStorage,
+  type StorageWindow,
+  type TokenBufferSpec,
+  type UniformSlots,
+} from "./src/cache/kv_cache_base.ts";
+export {
+  UncompressedKVCache,
+  type UncompressedKVCacheOptions,
+} from "./src/cache/uncompressed_kv_cache.ts";
+export { cpuAttention, type CpuAttentionOptions } from "./src/attention/cpu_reference.ts";

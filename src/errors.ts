@@ -33,6 +33,8 @@ export class TurboQuantError extends Error {
   readonly code: TurboQuantErrorCode;
 
   /**
+   * Creates the error.
+   *
    * @param code What kind of failure this is.
    * @param message Names the argument or state and the offending value.
    * @param options Standard error options (`cause`).

@@ -84,6 +84,9 @@ export class TurboQuantKVCache extends KVCacheBase {
   readonly #means: GPUBuffer[];
 
   /**
+   * Creates an empty cache (buffers are allocated by the first append unless
+   * `initialCapacity` is given).
+   *
    * @param device Device from {@linkcode requestTurboQuantDevice}.
    * @param options Shape, bits and codec options; invalid values throw TurboQuantError.
    */

@@ -112,7 +112,11 @@ export class TurboQuantCodec {
   /** prod mode: the headDim x headDim Gaussian QJL matrix, row-major, f32. */
   readonly qjlMatrix: Float32Array | undefined;
 
-  /** @param options Shape, bits and options; invalid values throw TurboQuantError. */
+  /**
+   * Builds the codebook, rotation signs and (prod mode) QJL matrix for `options`.
+   *
+   * @param options Shape, bits and options; invalid values throw TurboQuantError.
+   */
   constructor(options: CodecOptions) {
     const o = options ?? ({} as CodecOptions);
     const { headDim, bits } = o;
