@@ -94,6 +94,8 @@ export interface CacheJob {
   scratch(label: string, size: number, usage?: number, data?: ArrayBufferView): GPUBuffer;
   /** Begins a compute pass (with timestamp writes when timings are on). */
   beginComputePass(label: string): GPUComputePassEncoder;
+  /** Timestamp writes for a pass the job begins itself (undefined when timings are off). */
+  passTimestamps(): GPUComputePassTimestampWrites | undefined;
 }
 
 /** An append of `tokens` tokens at position `start`, all inside one binding `window`. */
@@ -202,6 +204,10 @@ class OperationContext {
     }
     this.#scratch.push(buffer);
     return buffer;
+  }
+
+  passTimestamps(): GPUComputePassTimestampWrites | undefined {
+    return this.#timer?.passTimestamps();
   }
 
   beginComputePass(label: string): GPUComputePassEncoder {
@@ -937,6 +943,7 @@ export abstract class KVCacheBase {
       uniforms: ctx.uniforms,
       scratch: (l, s, u, d) => ctx.scratch(l, s, u, d),
       beginComputePass: (l) => ctx.beginComputePass(l),
+      passTimestamps: () => ctx.passTimestamps(),
       start: job.start,
       tokens: job.tokens,
       window,
@@ -996,6 +1003,7 @@ export abstract class KVCacheBase {
           uniforms: ctx.uniforms,
           scratch: (l, s, u, d) => ctx.scratch(l, s, u, d),
           beginComputePass: (l) => ctx.beginComputePass(l),
+          passTimestamps: () => ctx.passTimestamps(),
           seqLen,
           numHeads,
           qTokens,
@@ -1062,6 +1070,7 @@ export abstract class KVCacheBase {
             uniforms: ctx.uniforms,
             scratch: (l, s, u, d) => ctx.scratch(l, s, u, d),
             beginComputePass: (l) => ctx.beginComputePass(l),
+            passTimestamps: () => ctx.passTimestamps(),
             window,
             kOut,
             vOut,

@@ -9,6 +9,7 @@
 import { type EncodedVectors, TurboQuantCodec } from "../codec/codec.ts";
 import { check } from "../errors.ts";
 import { readBuffer } from "../gpu/_buffers.ts";
+import { TurboQuantAttention } from "../attention/_tq_attention.ts";
 import { type CodecRows, type Recorder, TurboQuantCoder } from "./_tq_coder.ts";
 import {
   type AppendEncoder,
@@ -82,6 +83,7 @@ export class TurboQuantKVCache extends KVCacheBase {
   readonly #keys: TurboQuantCoder;
   readonly #values: TurboQuantCoder;
   readonly #means: GPUBuffer[];
+  #attention: Promise<TurboQuantAttention> | null = null;
 
   /**
    * Creates an empty cache (buffers are allocated by the first append unless
@@ -283,8 +285,48 @@ export class TurboQuantKVCache extends KVCacheBase {
   }
 
   /** Fused attention over the packed codes (split-K, then a merge pass). */
-  protected override attentionEncoder(_shape: AttentionShape): Promise<AttentionEncoder> {
-    throw new Error("TEMP");
+  protected override async attentionEncoder(_shape: AttentionShape): Promise<AttentionEncoder> {
+    this.#attention ??= TurboQuantAttention.create(
+      this.device,
+      this.keyCodec,
+      this.valueCodec,
+      this.numKvHeads,
+    );
+    const attention = await this.#attention;
+    const prod = this.keyCodec.mode === "prod";
+    return (job) => {
+      // Every earlier call was submitted when its encoder returned (recording and submit
+      // happen in one synchronous step), so its per-call buffers can go now.
+      attention.releaseTransient();
+      const st = job.storage;
+      attention.record(
+        job.encoder,
+        {
+          kIndex: st.buffer("kIndex"),
+          kScales: st.buffer("kScales"),
+          vIndex: st.buffer("vIndex"),
+          vScales: st.buffer("vScales"),
+          kSigns: prod ? st.buffer("kSigns") : undefined,
+          kNorms: prod ? st.buffer("kNorms") : undefined,
+        },
+        job.seqLen,
+        job.q,
+        job.out,
+        {
+          numHeads: job.numHeads,
+          qTokens: job.qTokens,
+          scale: job.scale,
+          causal: job.causal,
+          timer: job,
+        },
+      );
+    };
+  }
+
+  /** Frees every GPU buffer, the attention kernels' scratch included. */
+  override destroy(): void {
+    super.destroy();
+    this.#attention?.then((a) => a.destroy(), () => {});
   }
 
   /** Decodes rows on the GPU (adding the key mean back). */
