@@ -1,7 +1,8 @@
 /**
  * Decode attention benchmarks: headDim 128, 32 query heads over 8 KV heads, contexts 1K, 4K and
  * 16K. One group per context: the CPU reference (baseline), the uncompressed f32 and f16 GPU
- * caches, and a plain copy kernel of the same bytes (the roofline). Wall times come from
+ * caches, the TurboQuant cache (fused kernel over the packed codes) at K4/V3 (the default) and
+ * K3/V3, and a plain copy kernel of the same bytes (the roofline). Wall times come from
  * Deno.bench (submit to done, ~12 ms of it fixed cost on software adapters); GPU times from
  * timestamp queries are printed beside them at the end, with the roofline estimate
  * (bytes the kernel must read / copy-kernel read bandwidth).
@@ -13,6 +14,7 @@
 
 import { cpuAttention } from "../src/attention/cpu_reference.ts";
 import { UncompressedKVCache } from "../src/cache/uncompressed_kv_cache.ts";
+import { TurboQuantKVCache } from "../src/cache/turboquant_kv_cache.ts";
 import { describeAdapter, requestTurboQuantDevice } from "../src/gpu/device.ts";
 import { createBuffer, GpuTimer } from "../src/gpu/_buffers.ts";
 import { composeShader, getPipeline } from "../src/gpu/_pipelines.ts";
@@ -111,7 +113,13 @@ interface Case {
   qBuffer: GPUBuffer;
   out: GPUBuffer;
   caches: Record<"f32" | "f16", UncompressedKVCache>;
+  tq: Record<TqName, TurboQuantKVCache>;
 }
+
+/** The TurboQuant settings benchmarked: [keyBits, valueBits]. */
+const TQ = { "K4/V3": [4, 3], "K3/V3": [3, 3] } as const;
+type TqName = keyof typeof TQ;
+const TQ_NAMES = Object.keys(TQ) as TqName[];
 
 const cases: Case[] = [];
 for (const context of CONTEXTS) {
@@ -131,7 +139,22 @@ for (const context of CONTEXTS) {
     await cache.append(0, k, v);
     caches[dtype] = cache;
   }
+  const tq = {} as Case["tq"];
+  for (const name of TQ_NAMES) {
+    const [keyBits, valueBits] = TQ[name];
+    const cache = new TurboQuantKVCache(device, {
+      numLayers: 1,
+      numKvHeads: NUM_KV_HEADS,
+      headDim: HEAD_DIM,
+      keyBits,
+      valueBits,
+      timings: true,
+    });
+    await cache.append(0, k, v);
+    tq[name] = cache;
+  }
   cases.push({
+    tq,
     context,
     k,
     v,
@@ -178,6 +201,20 @@ for (const c of cases) {
       },
     });
   }
+  for (const tqName of TQ_NAMES) {
+    const name = `turboquant ${tqName} ${c.context}`;
+    Deno.bench({
+      name,
+      group,
+      n: ITERS,
+      warmup: 1,
+      async fn() {
+        const cache = c.tq[tqName];
+        await cache.attentionBuffers(0, c.qBuffer, { numHeads: NUM_HEADS, qTokens: 1, out: c.out });
+        recordGpu(name, cache.lastGpuTimeMs);
+      },
+    });
+  }
   // The same K+V bytes as the f32 cache, through the copy kernel (read + write).
   const bytes = 2 * NUM_KV_HEADS * c.context * HEAD_DIM * 4;
   const src = createBuffer(device, "turboquant/bench-copy-src", bytes);
@@ -215,6 +252,22 @@ globalThis.addEventListener("unload", () => {
           (bytes / 2 ** 20).toFixed(0)
         } MiB, ` +
           `roofline ${roofline.toFixed(2)} ms (${(roofline / ms * 100).toFixed(0)}% of it)`,
+      );
+    }
+    const f32Ms = minOf(gpuTimes.get(`uncompressed f32 ${c.context}`));
+    const f16Ms = minOf(gpuTimes.get(`uncompressed f16 ${c.context}`));
+    for (const name of TQ_NAMES) {
+      const ms = minOf(gpuTimes.get(`turboquant ${name} ${c.context}`));
+      const cache = c.tq[name];
+      const bits = cache.keyCodec.bitsPerValue + cache.valueCodec.bitsPerValue;
+      const bytes = (NUM_KV_HEADS * c.context * HEAD_DIM * bits) / 8;
+      const roofline = bytes / (readGBs * 1e9) * 1000;
+      rows.push(
+        `    turboquant ${name}: ${ms.toFixed(2)} ms GPU, ${
+          (f32Ms / ms).toFixed(2)
+        }x faster than ` +
+          `f32, ${(f16Ms / ms).toFixed(2)}x than f16; reads ${(bytes / 2 ** 20).toFixed(1)} MiB, ` +
+          `roofline ${roofline.toFixed(2)} ms (${(roofline / ms * 100).toFixed(1)}% of it)`,
       );
     }
   }
