@@ -15,7 +15,8 @@
  *    generations of a small llama2.c model with exact and TurboQuant K/V.
  *
  * Progress goes to stderr, results to stdout. The attention step is `attendWithCodec` in
- * `examples/demo/attend.ts` (a CPU decode today; the GPU cache plugs in there).
+ * `examples/demo/attend.ts`: TurboQuant at 2, 3 and 4 bits runs in the library's GPU cache and
+ * fused kernel (when a WebGPU adapter exists), everything else on the CPU.
  *
  * @module
  */
@@ -33,6 +34,8 @@ import {
 } from "./demo/evaluate.ts";
 import { compareGenerations, MODEL_URL, modelAvailable } from "./demo/llama_generation.ts";
 import { createProgress, type Progress } from "./demo/progress.ts";
+import { GPU_BITS } from "./demo/attend.ts";
+import { describeAdapter, requestTurboQuantDevice } from "../mod.ts";
 import {
   absmaxMethod,
   F16_METHOD,
@@ -237,10 +240,26 @@ async function printGeneration(progress: Progress, steps: number): Promise<void>
   );
 }
 
+/** The GPU device for the TurboQuant cache, or null (with a note) where WebGPU is missing. */
+async function gpuDevice(progress: Progress): Promise<GPUDevice | null> {
+  try {
+    const device = await requestTurboQuantDevice();
+    progress.log(
+      `GPU: ${describeAdapter(device).description}; TurboQuant ${GPU_BITS.join("/")}-bit ` +
+        `attention runs in the GPU cache's fused kernel`,
+    );
+    return device;
+  } catch (e) {
+    progress.log(`no WebGPU adapter (${(e as Error).message}): every format runs on the CPU`);
+    return null;
+  }
+}
+
 async function main(argv: string[]): Promise<void> {
   const args = parse(argv);
   if (!args) return;
   const progress = createProgress(undefined, 0); // times from process start
+  const device = await gpuDevice(progress);
   const { encoder, runs } = await captureParagraphs(progress);
   const results: MethodResult[] = [];
   for (const { method, embeddings } of methods()) {
@@ -248,11 +267,21 @@ async function main(argv: string[]): Promise<void> {
       `${method.name} (${method.bitsPerValue} bits/value)` + (embeddings ? " + embeddings" : ""),
     );
     results.push(
-      await evaluateMethod(encoder, method, runs, { centreKeys: args.centreKeys, embeddings }),
+      await evaluateMethod(encoder, method, runs, {
+        centreKeys: args.centreKeys,
+        embeddings,
+        device,
+      }),
     );
   }
   progress.log("cross-check: model's own attention over round-tripped K/V vs attendWithCodec");
-  const check = await crossCheckRoutes(encoder, turboQuantMethod(3), runs, args.centreKeys);
+  const check = await crossCheckRoutes(
+    encoder,
+    turboQuantMethod(3),
+    runs,
+    args.centreKeys,
+    device,
+  );
 
   const tokens = runs.map((r) => r.capture.tokens);
   console.log(

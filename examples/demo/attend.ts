@@ -9,6 +9,7 @@
 import { type LayerInfo, referenceAttention } from "../encoder/use_lite.ts";
 import { meanPerHead, shiftPerHead } from "./metrics.ts";
 import type { KVMethod } from "./quantizers.ts";
+import { TurboQuantKVCache } from "../../mod.ts";
 
 /** Attention of one layer: q, k, v and the result are `[numHeads, tokens, headDim]`. */
 export type AttendFn = (
@@ -47,28 +48,44 @@ export function quantizeKV(
   return { k: kq, v: method.roundTrip(v, headDim) };
 }
 
+/** Bit widths whose TurboQuant attention runs in the GPU cache (the others on the CPU). */
+export const GPU_BITS: readonly number[] = [2, 3, 4];
+
 /**
- * Attention over K/V stored in `method`'s format: today a CPU decode followed by exact f64
- * attention ({@linkcode referenceAttention}).
+ * Attention over K/V stored in `method`'s format. TurboQuant at {@linkcode GPU_BITS} with a
+ * `device`: the library's GPU cache stores K and V (one cache per layer: the encoder's head_dim
+ * differs between layers) and its fused kernel attends over the packed codes. Otherwise a CPU
+ * round trip through the format, then exact attention ({@linkcode referenceAttention}); the
+ * CPU codec writes the same codes as the GPU, so only float rounding differs.
  *
- * GPU switch point: for `method.family === "turboquant"` this is where the library's GPU cache
- * goes, one cache per layer since the encoder's head_dim differs between layers:
- *
- * ```ts
- * const cache = new TurboQuantKVCache(device, {
- *   numLayers: 1, numKvHeads: info.numHeads, headDim: info.headDim,
- *   keyBits: method.codec.bits, valueBits: method.codec.bits,
- *   blockSize: method.codec.blockSize, keyCentering: centreKeys,
- * });
- * await cache.append(0, k, v);
- * const out = await cache.attention(0, q, { numHeads: info.numHeads, causal: false });
- * cache.destroy();
- * ```
- *
- * (The encoder's score scale `info.scale` is 1/sqrt(headDim), the cache's default; the cache
- * centres keys on the mean of its first append, here the whole paragraph, as the CPU path.)
+ * The encoder's score scale `info.scale` is 1/sqrt(headDim), the cache's default; the cache
+ * centres keys on the mean of its first append, here the whole paragraph, as the CPU path.
  */
-export function attendWithCodec(method: KVMethod, centreKeys: boolean): AttendFn {
+export function attendWithCodec(
+  method: KVMethod,
+  centreKeys: boolean,
+  device?: GPUDevice | null,
+): AttendFn {
+  const codec = method.codec;
+  if (device && method.family === "turboquant" && codec && GPU_BITS.includes(codec.bits)) {
+    return async (info, q, k, v) => {
+      const cache = new TurboQuantKVCache(device, {
+        numLayers: 1,
+        numKvHeads: info.numHeads,
+        headDim: info.headDim,
+        keyBits: codec.bits,
+        valueBits: codec.bits,
+        blockSize: codec.blockSize,
+        keyCentering: centreKeys,
+      });
+      try {
+        await cache.append(0, k, v);
+        return await cache.attention(0, q, { numHeads: info.numHeads, causal: false });
+      } finally {
+        cache.destroy();
+      }
+    };
+  }
   return (info, q, k, v) => {
     const kv = quantizeKV(method, info, k, v, centreKeys);
     return Promise.resolve(referenceAttention(info, q, kv.k, kv.v).output);

@@ -53,8 +53,8 @@ export interface EvaluateOptions {
   centreKeys: boolean;
   /** Also rerun the model with the format in every layer and compare embeddings. */
   embeddings: boolean;
-  /** The attention step; default {@linkcode attendWithCodec}(method, centreKeys). */
-  attend?: AttendFn;
+  /** GPU device: TurboQuant attention then runs in the library's GPU cache. */
+  device?: GPUDevice | null;
 }
 
 /** Measures `method` on every paragraph. */
@@ -64,7 +64,7 @@ export async function evaluateMethod(
   runs: readonly ParagraphRun[],
   options: EvaluateOptions,
 ): Promise<MethodResult> {
-  const attend = options.attend ?? attendWithCodec(method, options.centreKeys);
+  const attend = attendWithCodec(method, options.centreKeys, options.device);
   const kErr = new ErrorAccumulator();
   const vErr = new ErrorAccumulator();
   const layerCos: number[][] = runs[0].capture.layers.map(() => []);
@@ -105,8 +105,9 @@ export async function crossCheckRoutes(
   method: KVMethod,
   runs: readonly ParagraphRun[],
   centreKeys: boolean,
+  device?: GPUDevice | null,
 ): Promise<Summary> {
-  const attend = attendWithCodec(method, centreKeys);
+  const attend = attendWithCodec(method, centreKeys, device);
   const cos: number[] = [];
   for (const { text } of runs) {
     const viaModel = await encoder.embedWithQuantizedKV(
