@@ -1,5 +1,5 @@
 /**
- * llama2.c-family decoder on the CPU whose KV cache / attention is pluggable.
+ * llama2.c-family decoder (matmuls on the CPU) whose K/V live in the library's GPU cache.
  *
  * Generate:  deno run -A examples/llama2c.ts --prompt "Once upon a time" --steps 64
  * Evaluate:  deno run -A examples/llama2c.ts --eval [--text file] [--mode prefill|decode]
@@ -7,12 +7,14 @@
  *
  * Options: --model path (v1 or legacy .bin; default ../shared/models/stories260k.bin),
  * --tokenizer path (legacy only; default tokenizer.bin beside the model), --temperature 0,
- * --seed 42, --key-bits 4, --value-bits 3, --cache cpu|f32|turboquant.
+ * --seed 42, --key-bits 8, --value-bits 4 (head_dim 8 needs more key bits than large heads),
+ * --cache turboquant|f32|cpu (default turboquant: every layer's K/V in a TurboQuantKVCache).
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
+import { requestTurboQuantDevice, TurboQuantKVCache, UncompressedKVCache } from "../mod.ts";
 import type { AttentionBackend } from "./llama2c/attention_backend.ts";
 import { type BackendFactory, cpuBackendFactory, evaluateBackend } from "./llama2c/eval.ts";
 import { LlamaDecoder } from "./llama2c/forward.ts";
@@ -31,29 +33,17 @@ export interface CacheSettings {
   valueBits: number;
 }
 
-/** Constructor shape shared by the library's `TurboQuantKVCache` and `UncompressedKVCache`. */
-type KVCacheClass = new (device: GPUDevice, options: Record<string, unknown>) => AttentionBackend;
-
 /**
- * Backend factory for a cache kind. `cpu` is the exact CPU reference. `f32` and `turboquant` are
- * the library's GPU caches: this is the one place they plug in. They are looked up on mod.ts at
- * run time (a computed specifier, so type-checking this example does not depend on them).
+ * Backend factory for a cache kind: `cpu` is the exact CPU reference; `f32` and `turboquant`
+ * are the library's GPU caches (UncompressedKVCache and TurboQuantKVCache), one per model,
+ * holding every layer's K/V and computing every attention.
  */
 export async function backendFactory(
   kind: CacheKind,
   settings: CacheSettings,
 ): Promise<BackendFactory> {
   if (kind === "cpu") return cpuBackendFactory;
-  const mod = await import(new URL("../mod.ts", import.meta.url).href) as Record<string, unknown>;
-  const request = mod.requestTurboQuantDevice as (() => Promise<GPUDevice>) | undefined;
-  const name = kind === "f32" ? "UncompressedKVCache" : "TurboQuantKVCache";
-  const Cache = mod[name] as KVCacheClass | undefined;
-  if (typeof request !== "function" || typeof Cache !== "function") {
-    throw new Error(
-      `--cache ${kind}: mod.ts does not export ${name} and requestTurboQuantDevice yet`,
-    );
-  }
-  const device = await request();
+  const device = await requestTurboQuantDevice();
   return (config: LlamaConfig): AttentionBackend => {
     const shape = {
       numLayers: config.numLayers,
@@ -62,8 +52,12 @@ export async function backendFactory(
       initialCapacity: config.seqLen,
     };
     return kind === "f32"
-      ? new Cache(device, { ...shape, dtype: "f32" })
-      : new Cache(device, { ...shape, keyBits: settings.keyBits, valueBits: settings.valueBits });
+      ? new UncompressedKVCache(device, { ...shape, dtype: "f32" })
+      : new TurboQuantKVCache(device, {
+        ...shape,
+        keyBits: settings.keyBits,
+        valueBits: settings.valueBits,
+      });
   };
 }
 
@@ -86,7 +80,7 @@ async function main(args: string[]): Promise<void> {
       seed: { type: "string" },
       "key-bits": { type: "string" },
       "value-bits": { type: "string" },
-      cache: { type: "string", default: "cpu" },
+      cache: { type: "string", default: "turboquant" },
       eval: { type: "boolean", default: false },
       text: { type: "string" },
       mode: { type: "string", default: "prefill" },
@@ -96,7 +90,7 @@ async function main(args: string[]): Promise<void> {
   if (values.help) {
     console.log(
       "usage: deno run -A examples/llama2c.ts [--model path] [--tokenizer path] [--prompt text]\n" +
-        "  [--steps N] [--temperature 0] [--seed 42] [--key-bits 4] [--value-bits 3]\n" +
+        "  [--steps N] [--temperature 0] [--seed 42] [--key-bits 8] [--value-bits 4]\n" +
         "  [--cache cpu|f32|turboquant] [--eval [--text file] [--mode prefill|decode]]",
     );
     return;
@@ -106,8 +100,8 @@ async function main(args: string[]): Promise<void> {
     throw new Error(`--cache must be cpu, f32 or turboquant, got ${values.cache}`);
   }
   const settings: CacheSettings = {
-    keyBits: numArg(values["key-bits"], "key-bits", 4),
-    valueBits: numArg(values["value-bits"], "value-bits", 3),
+    keyBits: numArg(values["key-bits"], "key-bits", 8),
+    valueBits: numArg(values["value-bits"], "value-bits", 4),
   };
   const model = await loadModel(values.model ?? DEFAULT_MODEL_URL, values.tokenizer);
   const tokenizer = new Tokenizer(model.vocab);

@@ -7,7 +7,7 @@
  */
 
 import type { Capture, Encoder } from "../encoder/use_lite.ts";
-import { type AttendFn, attendWithCodec, quantizeKV } from "./attend.ts";
+import { attendWithCodec, quantizeKV } from "./attend.ts";
 import {
   compareRankings,
   cosine,
