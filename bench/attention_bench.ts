@@ -15,6 +15,7 @@
 import { cpuAttention } from "../src/attention/cpu_reference.ts";
 import { UncompressedKVCache } from "../src/cache/uncompressed_kv_cache.ts";
 import { TurboQuantKVCache } from "../src/cache/turboquant_kv_cache.ts";
+import { TurboQuantCodec } from "../src/codec/codec.ts";
 import { describeAdapter, requestTurboQuantDevice } from "../src/gpu/device.ts";
 import { createBuffer, GpuTimer } from "../src/gpu/_buffers.ts";
 import { composeShader, getPipeline } from "../src/gpu/_pipelines.ts";
@@ -34,6 +35,32 @@ console.log(
   `adapter: ${adapter.description} (${Deno.env.get("DENO_WEBGPU_BACKEND") ?? "default"} backend; ` +
     `features: ${adapter.features.join(", ")})`,
 );
+
+// Memory: bytes per token of an 8B-class model (32 layers, 8 KV heads, headDim 128), K + V.
+{
+  const layers = 32;
+  const perValue = (bits: number) => new TurboQuantCodec({ headDim: HEAD_DIM, bits }).bitsPerValue;
+  const rows: [string, number][] = [
+    ["f32", 32],
+    ["f16", 16],
+    ["TurboQuant 4-bit", perValue(4)],
+    ["TurboQuant K4/V3", (perValue(4) + perValue(3)) / 2],
+    ["TurboQuant 3-bit", perValue(3)],
+    ["TurboQuant 2-bit", perValue(2)],
+  ];
+  console.log("memory, 32 layers x 8 KV heads x headDim 128 (K + V):");
+  for (const [name, bits] of rows) {
+    const bytes = (2 * layers * NUM_KV_HEADS * HEAD_DIM * bits) / 8;
+    console.log(
+      `  ${name.padEnd(18)} ${bits.toFixed(2).padStart(5)} bits/value  ${
+        bytes.toFixed(0).padStart(6)
+      } ` +
+        `bytes/token  ${
+          Math.floor(2 ** 30 / bytes).toLocaleString("en-US").padStart(7)
+        } tokens in 1 GiB`,
+    );
+  }
+}
 
 /** Deterministic pseudo-random values in [-1, 1) (an LCG: fast for 16M values). */
 function values(n: number, seed: number): Float32Array {
@@ -230,6 +257,50 @@ for (const c of cases) {
   });
 }
 
+// Prefill: 512 causal queries over a 4K context (the last 512 positions).
+const PREFILL = 512;
+if (Deno.env.get("TQ_BENCH_PREFILL") !== "0") {
+  const context = 4096;
+  const n = NUM_KV_HEADS * context * HEAD_DIM;
+  const k = values(n, 7), v = values(n, 8);
+  const q = values(NUM_HEADS * PREFILL * HEAD_DIM, 9);
+  const f32 = new UncompressedKVCache(device, {
+    numLayers: 1,
+    numKvHeads: NUM_KV_HEADS,
+    headDim: HEAD_DIM,
+    timings: true,
+  });
+  const tq = new TurboQuantKVCache(device, {
+    numLayers: 1,
+    numKvHeads: NUM_KV_HEADS,
+    headDim: HEAD_DIM,
+    timings: true,
+  });
+  await f32.append(0, k, v);
+  await tq.append(0, k, v);
+  const qBuffer = createBuffer(device, "turboquant/bench-prefill-q", q.byteLength, undefined, q);
+  const out = createBuffer(device, "turboquant/bench-prefill-out", q.byteLength);
+  const group = `prefill ${PREFILL} queries over 4K (causal)`;
+  for (const [name, cache] of [["uncompressed f32", f32], ["turboquant K4/V3", tq]] as const) {
+    Deno.bench({
+      name: `${name} prefill`,
+      group,
+      baseline: name === "uncompressed f32",
+      n: 3,
+      warmup: 1,
+      async fn() {
+        await cache.attentionBuffers(0, qBuffer, {
+          numHeads: NUM_HEADS,
+          qTokens: PREFILL,
+          causal: true,
+          out,
+        });
+        recordGpu(`${name} prefill`, cache.lastGpuTimeMs);
+      },
+    });
+  }
+}
+
 globalThis.addEventListener("unload", () => {
   const rows: string[] = [];
   rows.push(`GPU time (timestamp queries, min of runs) on ${adapter.description}:`);
@@ -270,6 +341,16 @@ globalThis.addEventListener("unload", () => {
           `roofline ${roofline.toFixed(2)} ms (${(roofline / ms * 100).toFixed(1)}% of it)`,
       );
     }
+  }
+  const f32Prefill = minOf(gpuTimes.get("uncompressed f32 prefill"));
+  const tqPrefill = minOf(gpuTimes.get("turboquant K4/V3 prefill"));
+  if (!Number.isNaN(f32Prefill)) {
+    rows.push(
+      `  prefill ${PREFILL} over 4K: uncompressed f32 ${
+        f32Prefill.toFixed(1)
+      } ms GPU, turboquant ` +
+        `K4/V3 ${tqPrefill.toFixed(1)} ms (${(f32Prefill / tqPrefill).toFixed(2)}x)`,
+    );
   }
   console.log(rows.join("\n"));
 });
