@@ -207,7 +207,11 @@ function printPlotData(results: readonly MethodResult[]): void {
   }));
 }
 
-async function printGeneration(progress: Progress, steps: number): Promise<void> {
+async function printGeneration(
+  progress: Progress,
+  steps: number,
+  device: GPUDevice | null,
+): Promise<void> {
   console.log("\n## Generation with a small pretrained llama2.c model\n");
   if (!(await modelAvailable())) {
     console.log(
@@ -219,12 +223,16 @@ async function printGeneration(progress: Progress, steps: number): Promise<void>
     return;
   }
   progress.log("generating with stories260k (exact, then TurboQuant K8/V4)");
-  const g = await compareGenerations({
-    prompt: "Once upon a time",
-    steps,
-    keyBits: 8,
-    valueBits: 4,
-  });
+  const g = await compareGenerations(
+    {
+      prompt: "Once upon a time",
+      steps,
+      keyBits: 8,
+      valueBits: 4,
+    },
+    undefined,
+    device,
+  );
   console.log(
     `stories260k: head_dim 8, keys 8 bits (${g.bitsPerValue.key} bits/value with the f16 ` +
       `scale of each 8-value block), values 4 bits (${g.bitsPerValue.value}), keys centred ` +
@@ -314,7 +322,7 @@ async function main(argv: string[]): Promise<void> {
   console.log(`\nPlot written to ${args.out}`);
   encoder.dispose();
 
-  await printGeneration(progress, args.steps);
+  await printGeneration(progress, args.steps, device);
 
   const md = pick(results, [
     "f32",

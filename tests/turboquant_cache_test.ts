@@ -355,7 +355,11 @@ gpuTest("bad input is refused before GPU work and changes nothing", async (ctx) 
   assert.throws(
     () =>
       new TurboQuantKVCache(ctx.device, { numLayers: 1, numKvHeads: 1, headDim: 64, keyBits: 9 }),
-    /bits: 9/,
+    /keyBits 9/,
+  );
+  assert.throws(
+    () => new TurboQuantKVCache(ctx.device, { numLayers: 1, numKvHeads: 1, headDim: 64, valueBits: 0 }),
+    /valueBits 0/,
   );
   assert.throws(
     () => new TurboQuantKVCache(ctx.device, { numLayers: 0, numKvHeads: 1, headDim: 64 }),

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { TurboQuantCodec } from "../../mod.ts";
+import { TurboQuantCodec, TurboQuantKVCache } from "../../mod.ts";
 import {
   type AttentionBackend,
   CpuAttentionBackend,
@@ -86,6 +86,7 @@ async function continueWith(
 export async function compareGenerations(
   options: GenerationOptions,
   url: URL = MODEL_URL,
+  device: GPUDevice | null = null,
 ): Promise<GenerationComparison> {
   const model = await loadModel(url);
   const tokenizer = new Tokenizer(model.vocab);
@@ -98,13 +99,20 @@ export async function compareGenerations(
   };
   const keyCodec = new TurboQuantCodec({ headDim: c.headDim, bits: options.keyBits });
   const valueCodec = new TurboQuantCodec({ headDim: c.headDim, bits: options.valueBits });
-  const simulated = new SimulatedCodecBackend(
-    { ...shape, keyCentering: true },
-    (x, kind) => {
-      const codec = kind === "k" ? keyCodec : valueCodec;
-      return codec.decode(codec.encode(x));
-    },
-  );
+  // With a device the K/V live in the library's GPU cache; else the CPU codec (same codes).
+  const quantizedBackend: AttentionBackend & { destroy?(): void } = device
+    ? new TurboQuantKVCache(device, {
+      ...shape,
+      keyBits: options.keyBits,
+      valueBits: options.valueBits,
+    })
+    : new SimulatedCodecBackend(
+      { ...shape, keyCentering: true },
+      (x, kind) => {
+        const codec = kind === "k" ? keyCodec : valueCodec;
+        return codec.decode(codec.encode(x));
+      },
+    );
   const prompt = tokenizer.encode(options.prompt);
   const exact = await continueWith(
     "exact f32",
@@ -115,13 +123,14 @@ export async function compareGenerations(
     tokenizer,
   );
   const quantized = await continueWith(
-    `TurboQuant K${options.keyBits}/V${options.valueBits}`,
+    `TurboQuant K${options.keyBits}/V${options.valueBits}${device ? ", GPU cache" : ""}`,
     model,
-    simulated,
+    quantizedBackend,
     prompt,
     options.steps,
     tokenizer,
   );
+  quantizedBackend.destroy?.();
   const n = Math.max(exact.tokens.length, quantized.tokens.length);
   let first: number | null = null;
   for (let i = prompt.length; i < n; i++) {

@@ -106,6 +106,14 @@ export class TurboQuantKVCache extends KVCacheBase {
       Number.isInteger(seed) && seed >= 0 && seed <= 0xffffffff,
       `seed ${seed} is not a u32 integer`,
     );
+    for (const name of ["keyBits", "valueBits"] as const) {
+      const bits = options[name];
+      const min = name === "keyBits" && options.keyMode === "prod" ? 2 : 1;
+      check(
+        bits === undefined || (Number.isInteger(bits) && bits >= min && bits <= 8),
+        `${name} ${bits} is not an integer from ${min} to 8`,
+      );
+    }
     const common = { headDim, blockSize: options.blockSize, scaleSearch: options.scaleSearch };
     const keyCodec = new TurboQuantCodec({
       ...common,
