@@ -9,8 +9,9 @@
 // ... of the chunk (at most TL of them). The head dimension is walked in units of UNIT
 // coordinates (whole blocks whose codes fill whole words):
 //  1. scores: for each unit, its rotated query values are loaded once, then every token's codes
-//     of the unit are decoded (centroid values picked by a select tree over literal constants)
-//     and dotted with them, times the f16 block scale, into the token's scores `sc`;
+//     of the unit are decoded (centroid values from an odd polynomial or a select tree over
+//     literal constants, no memory access) and dotted with them, times the f16 block scale,
+//     into the token's scores `sc`;
 //  2. softmax: the maximum per row over the whole workgroup, then p = exp(score - max) in place;
 //  3. values: for each unit, p * (scale * centroid) of every token's V codes is accumulated in the
 //     values' rotated domain, and the unit's accumulators are stored as this invocation's partial.
@@ -20,14 +21,14 @@
 // Written for llvmpipe, where every storage or workgroup load costs a scalar loop over the lanes
 // and both sides of every branch execute. Loops marked `// unroll` are expanded by the host
 // (unrollMarkedLoops in src/attention/_tq_attention.ts), so every private array index inside a
-// unit is a constant. Mesa counts the iterations of all loops of an invocation together and
+// unit is a constant (for the GL backend, whose GLSL compiler takes minutes over that, they stay
+// loops: keepMarkedLoops). Mesa counts the iterations of all loops of an invocation together and
 // stops them all after 65,535; the host bounds a chunk's tokens accordingly (loopIterations).
 //
 // Prepended by the host: HEAD_DIM, BLOCK, NUM_BLOCKS, ROWS, KV_HEADS, K_BITS, V_BITS (code bits),
 // K_WORDS, V_WORDS (words per head row), K_SCALE_WORDS, V_SCALE_WORDS (scale words per token),
 // SB (blocks per unit), K_UW, V_UW (code words per unit), K_VEC, V_VEC (words per load of a
-// unit's codes), PROD, NORM_WORDS,
-// LANES, TL; then generated helpers: aliases KVec / VVec (the load types), kvec_at / vvec_at
+// unit's codes), PROD, NORM_WORDS, LANES, TL; then generated helpers: aliases KVec / VVec (the load types), kvec_at / vvec_at
 // (word c of a load), kval / vval (centroid of a code), and the bindings QR / SQ (rotated
 // queries and, in prod mode, their QJL projections) with their loads q4 / sq4.
 
@@ -103,18 +104,38 @@ fn vcode(w: ptr<function, array<u32, V_UW>>, j: u32) -> u32 {
   return c & V_MASK;
 }
 
-// f16 value `f` of a row of f16 pairs starting at word `base`.
-fn half_at(rows: u32, f: u32, which: u32) -> f32 {
-  var w: u32;
+fn word_of(which: u32, i: u32) -> u32 {
   if (which == 0u) {
-    w = KS[rows + (f >> 1u)];
+    return KS[i];
   } else if (which == 1u) {
-    w = VS[rows + (f >> 1u)];
-  } else {
-    w = NM[rows + (f >> 1u)];
+    return VS[i];
   }
-  let pair = unpack2x16float(w);
+  return NM[i];
+}
+
+// f16 value `f` of a row of f16 pairs starting at word `row` (which: 0 K scales, 1 V scales,
+// 2 residual norms).
+fn half_at(row: u32, f: u32, which: u32) -> f32 {
+  let pair = unpack2x16float(word_of(which, row + (f >> 1u)));
   return select(pair.x, pair.y, (f & 1u) == 1u);
+}
+
+// The SB block scales of a unit, f16 values first .. first + SB - 1 of a scale row: one load per
+// pair where the pairs line up.
+fn unit_scales(row: u32, first: u32, which: u32) -> array<f32, SB> {
+  var out: array<f32, SB>;
+  if (SB % 2u == 0u && NUM_BLOCKS % 2u == 0u) {
+    for (var w = 0u; w < SB / 2u; w++) { // unroll
+      let pair = unpack2x16float(word_of(which, row + (first >> 1u) + w));
+      out[2u * w] = pair.x;
+      out[2u * w + 1u] = pair.y;
+    }
+  } else {
+    for (var i = 0u; i < SB; i++) { // unroll
+      out[i] = half_at(row, first + i, which);
+    }
+  }
+  return out;
 }
 
 @compute @workgroup_size(LANES)
@@ -149,7 +170,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
   let steps = (end + LANES - 1u) / LANES; // tokens of this invocation (the last may repeat)
 
   // ---- 1. scores <R q, y_t> = sum_b scale_b * sum_i q_i * centroid(code_i), unit by unit ----
-  var sc: array<f32, TL * ROWS>;
+  var sc: array<array<f32, ROWS>, TL>;
   for (var u = 0u; u < NUNITS; u++) {
     var qu: array<f32, ROWS * UNIT>;
     for (var r = 0u; r < ROWS; r++) { // unroll
@@ -189,8 +210,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
       for (var r = 0u; r < ROWS; r++) { // unroll
         s[r] = 0.0;
       }
+      let ks = unit_scales(P.ks_off + t * K_SCALE_WORDS, kvh * NUM_BLOCKS + u * SB, 0u);
       for (var sb = 0u; sb < SB; sb++) { // unroll
-        let scale = half_at(P.ks_off + t * K_SCALE_WORDS, (kvh * NUM_BLOCKS) + u * SB + sb, 0u);
+        let scale = ks[sb];
         var part: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) { // unroll
           part[r] = 0.0;
@@ -228,8 +250,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
       }
       for (var r = 0u; r < ROWS; r++) { // unroll
-        let o = j * ROWS + r;
-        sc[o] = select(sc[o], 0.0, u == 0u) + s[r];
+        sc[j][r] = select(sc[j][r], 0.0, u == 0u) + s[r];
       }
     }
   }
@@ -243,9 +264,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let idx = j * LANES + lane;
     let pos = pos0 + min(idx, end - 1u);
     for (var r = 0u; r < ROWS; r++) { // unroll
-      let o = j * ROWS + r;
-      let sr = select(TQ_NEG, sc[o], idx < end && pos < lim[r]);
-      sc[o] = sr;
+      let sr = select(TQ_NEG, sc[j][r], idx < end && pos < lim[r]);
+      sc[j][r] = sr;
       m[r] = max(m[r], sr);
     }
   }
@@ -266,11 +286,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
   }
   for (var j = 0u; j < steps; j++) {
     for (var r = 0u; r < ROWS; r++) { // unroll
-      let o = j * ROWS + r;
-      let sr = sc[o];
+      let sr = sc[j][r];
       // Invisible tokens (TQ_NEG) and rows that see nothing here get p = 0.
       let p = select(0.0, exp(sr - m[r]), sr > 0.5 * TQ_NEG);
-      sc[o] = p;
+      sc[j][r] = p;
       l[r] = l[r] + p;
     }
   }
@@ -293,10 +312,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
       }
       var p: array<f32, ROWS>;
       for (var r = 0u; r < ROWS; r++) { // unroll
-        p[r] = sc[j * ROWS + r];
+        p[r] = sc[j][r];
       }
+      let vs = unit_scales(P.vs_off + t * V_SCALE_WORDS, kvh * NUM_BLOCKS + u * SB, 1u);
       for (var sb = 0u; sb < SB; sb++) { // unroll
-        let scale = half_at(P.vs_off + t * V_SCALE_WORDS, (kvh * NUM_BLOCKS) + u * SB + sb, 1u);
+        let scale = vs[sb];
         var ps: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) { // unroll
           ps[r] = p[r] * scale;

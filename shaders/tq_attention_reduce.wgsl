@@ -1,12 +1,12 @@
 // Fused TurboQuant attention, pass 3 of 3: merges the split-K partials of tq_attention.wgsl
-// (acc, max, sum per chunk) into one output row, still in the values' rotated domain, then
-// rotates it back (a Hadamard transform per block, then the value signs) and writes
-// out[head][q_token][HEAD_DIM].
+// (acc, max, sum per chunk and invocation) into one output row, still in the values' rotated
+// domain, then rotates it back (a Hadamard transform per block, then the value signs) and
+// writes out[head][q_token][HEAD_DIM].
 //
 // One workgroup per (KV head, row of the row group). Lane i < HEAD_DIM / 4 merges columns
-// 4i .. 4i + 3 over every slot with an online rescale (one loop over the slots, so Mesa's
-// 65,535-iteration budget per invocation allows that many slots); lane b < NUM_BLOCKS then
-// transforms block b. Needs _tq_common.wgsl and HEAD_DIM, BLOCK, NUM_BLOCKS, FWHT_SCALE, WG.
+// 4i .. 4i + 3 over every partial with an online rescale (one loop over them: Mesa's budget of
+// 65,535 loop iterations per invocation bounds their number, see MAX_SLOTS); lane
+// b < NUM_BLOCKS then transforms block b. Needs _tq_common.wgsl and HEAD_DIM, BLOCK, NUM_BLOCKS, FWHT_SCALE, WG.
 
 const HEAD_DIM4: u32 = HEAD_DIM / 4u;
 

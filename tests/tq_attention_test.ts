@@ -428,6 +428,46 @@ gpuTest("tq attention: small binding windows and row groups give the same result
   assertRelativeError(got, reference(kc, layer, q, numHeads, scale, true), TOL, "small windows");
 });
 
+gpuTest("tq attention: records through a cache job (recorder with scratch)", async (ctx) => {
+  const c: Config = { headDim: 64, kvHeads: 2, kBits: 4, vBits: 3 };
+  const { attn, kc, vc } = await attentionFor(ctx.device, c);
+  const { device } = ctx;
+  const d = 64, H = 2, n = 300, numHeads = 8;
+  const rng = new Rng(64);
+  const { k, v } = randomKV(rng, H, n, d);
+  const layer = buildLayer(ctx, kc, vc, H, k, v);
+  const q = rng.gaussians(numHeads * d, 1.5);
+  const qBuf = ctx.track(createBuffer(device, "test/q", q.byteLength, undefined, q));
+  const out = ctx.track(createBuffer(device, "test/out", q.byteLength));
+  const encoder = device.createCommandEncoder();
+  const scratch: GPUBuffer[] = [];
+  const labels: string[] = [];
+  const job = {
+    encoder,
+    beginComputePass(label: string) {
+      labels.push(label);
+      return encoder.beginComputePass({ label });
+    },
+    scratch(label: string, size: number, usage = GPUBufferUsage.STORAGE, data?: ArrayBufferView) {
+      const b = createBuffer(device, label, size, usage, data);
+      scratch.push(b);
+      return b;
+    },
+  };
+  const scale = 1 / Math.sqrt(d);
+  attn.record(job, layer.rows, n, qBuf, out, { numHeads, qTokens: 1, scale, causal: true });
+  device.queue.submit([encoder.finish()]);
+  const got = new Float32Array(await readBuffer(device, out, 0, q.byteLength));
+  for (const b of scratch) b.destroy();
+  assert.equal(scratch.length, 1, "one uniform buffer from the job's scratch");
+  assert.deepEqual(labels, [
+    "turboquant/tq-rotate-query",
+    "turboquant/tq-attention",
+    "turboquant/tq-attention-reduce",
+  ]);
+  assertRelativeError(got, reference(kc, layer, q, numHeads, scale, true), TOL, "recorder");
+});
+
 gpuTest("tq attention: rejects bad calls", async (ctx) => {
   const c: Config = { headDim: 64, kvHeads: 2, kBits: 4, vBits: 3 };
   const { attn } = await attentionFor(ctx.device, c);

@@ -358,7 +358,8 @@ gpuTest("bad input is refused before GPU work and changes nothing", async (ctx) 
     /keyBits 9/,
   );
   assert.throws(
-    () => new TurboQuantKVCache(ctx.device, { numLayers: 1, numKvHeads: 1, headDim: 64, valueBits: 0 }),
+    () =>
+      new TurboQuantKVCache(ctx.device, { numLayers: 1, numKvHeads: 1, headDim: 64, valueBits: 0 }),
     /valueBits 0/,
   );
   assert.throws(

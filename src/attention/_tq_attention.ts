@@ -4,7 +4,7 @@
  *
  * Three passes per call: `tq_rotate_query` (queries into the keys' rotated domain, times the
  * scale; plus the QJL projection in prod key mode), `tq_attention` (split-K over chunks of
- * tokens, one partial per row and chunk, one dispatch per window of bound rows) and
+ * tokens, one partial per row, chunk and invocation, one dispatch per window of bound rows) and
  * `tq_attention_reduce` (merges the partials, rotates the output back to the values' original
  * domain). See shaders/tq_attention.wgsl for the kernel's design.
  *
@@ -47,6 +47,20 @@ export interface TqAttentionCall {
   timer?: { passTimestamps(): GPUComputePassTimestampWrites | undefined };
 }
 
+/**
+ * Where `record` may put its commands instead of a bare encoder: a cache job of the library's
+ * framework fits (passes begun through it get its timestamps; its scratch buffers live until
+ * the commands are submitted, so nothing is left for `releaseTransient`).
+ */
+export interface TqRecorder {
+  /** The encoder the commands go to. */
+  readonly encoder: GPUCommandEncoder;
+  /** Begins a labelled compute pass. */
+  beginComputePass(label: string): GPUComputePassEncoder;
+  /** A buffer that lives until the commands are submitted. */
+  scratch?(label: string, size: number, usage?: number, data?: ArrayBufferView): GPUBuffer;
+}
+
 /** Tuning and testing knobs of {@linkcode TurboQuantAttention.create}. */
 export interface TqAttentionOptions {
   /** Query heads per KV head to specialise a pipeline for (compiled with the generic one). */
@@ -55,6 +69,10 @@ export interface TqAttentionOptions {
   maxWindowBytes?: number;
   /** Largest partials scratch per row group in bytes (default 64 MiB). */
   maxPartialBytes?: number;
+  /** Centroids of 3- and 4-bit codebooks from an odd polynomial, not a select tree (default true). */
+  polynomial?: boolean;
+  /** Blocks per unit of the head dimension, rounded to a power of two (default 2). */
+  unitBlocks?: number;
   /** Most tokens per invocation (default 256; 32 for compact kernels): sizes its score array. */
   tokensPerLane?: number;
   /** Workgroups one call aims for (default: 32 on a software adapter, 4096 elsewhere). */
@@ -74,8 +92,11 @@ const LANES = 8;
 const LOOP_BUDGET = 65535;
 /** Headroom kept below the budget. */
 const LOOP_HEADROOM = 2048;
-/** Most partial slots per row (the reduce pass loops over them once). */
-const MAX_SLOTS = 32768;
+/**
+ * Most chunks per row: the reduce pass loops once over their LANES partials each, inside Mesa's
+ * loop budget (with room for its block transform).
+ */
+const MAX_SLOTS = Math.floor((LOOP_BUDGET - 4096) / LANES);
 const REDUCE_WG = 64;
 /** vec4s of a 64 KiB uniform buffer binding (the WebGPU default limit). */
 const UBO_VEC4 = 4096;
@@ -129,7 +150,7 @@ function f32Literal(x: number): string {
 }
 
 /** Words per row load: 4, 2 or 1, the widest that divides the row. */
-export function vecWidth(words: number): number {
+function vecWidth(words: number): number {
   return words % 4 === 0 ? 4 : words % 2 === 0 ? 2 : 1;
 }
 
@@ -138,7 +159,12 @@ export function vecWidth(words: number): number {
  * centroid lookup `fn <name>val(c: u32) -> f32`: a select tree over the literal centroids up to
  * 4 bits (no memory access at all), a private table beyond.
  */
-export function codecHelpers(prefix: "k" | "v", words: number, centroids: Float32Array): string {
+function codecHelpers(
+  prefix: "k" | "v",
+  words: number,
+  centroids: Float32Array,
+  polynomial: boolean,
+): string {
   const P = prefix.toUpperCase();
   const width = vecWidth(words);
   const lines: string[] = [];
@@ -151,7 +177,18 @@ export function codecHelpers(prefix: "k" | "v", words: number, centroids: Float3
   }
   const levels = centroids.length;
   const bits = Math.log2(levels);
-  if (bits <= 4) {
+  const poly = polynomial && bits >= 3 && bits <= 4 ? oddPolynomial(centroids) : null;
+  if (poly) {
+    // c(code) = x * P(x^2) with x = code - (levels - 1) / 2: the odd interpolating polynomial
+    // through the (symmetric) centroids, 11 operations at 4 bits where a select tree takes 22.
+    lines.push(`fn ${prefix}val(c: u32) -> f32 {`);
+    lines.push(`  let x = f32(c) - ${f32Literal((levels - 1) / 2)};`, `  let x2 = x * x;`);
+    lines.push(`  var p = ${f32Literal(poly[poly.length - 1])};`);
+    for (let k = poly.length - 2; k >= 0; k--) {
+      lines.push(`  p = fma(p, x2, ${f32Literal(poly[k])});`);
+    }
+    lines.push(`  return p * x;`, `}`);
+  } else if (bits <= 4) {
     lines.push(`fn ${prefix}val(c: u32) -> f32 {`);
     let names = Array.from(centroids, (x) => f32Literal(x));
     for (let b = 0; b < bits; b++) {
@@ -174,6 +211,44 @@ export function codecHelpers(prefix: "k" | "v", words: number, centroids: Float3
     lines.push(`fn ${prefix}val(c: u32) -> f32 { return ${P}CT[c]; }`);
   }
   return lines.join("\n");
+}
+
+/**
+ * The f32 coefficients a_k of the odd polynomial x * sum_k a_k x^(2k) through the centroids at
+ * x = code - (levels - 1) / 2, when it reproduces every centroid to within 2.5e-7 relative in
+ * f32 arithmetic (fma steps, as the kernel evaluates it); null when the centroids are not
+ * symmetric or the fit is not that close.
+ */
+export function oddPolynomial(centroids: Float32Array): Float32Array | null {
+  const L = centroids.length;
+  const n = L / 2;
+  for (let j = 0; j < n; j++) if (centroids[j] !== -centroids[L - 1 - j]) return null;
+  // Solve sum_k a_k x_m^(2k+1) = c(half + m) in f64 (Gauss-Jordan, partial pivoting).
+  const M = Array.from({ length: n }, (_, m) => {
+    const x = m + 0.5;
+    return [...Array.from({ length: n }, (_, k) => x ** (2 * k + 1)), centroids[n + m]];
+  });
+  for (let i = 0; i < n; i++) {
+    let p = i;
+    for (let r = i + 1; r < n; r++) if (Math.abs(M[r][i]) > Math.abs(M[p][i])) p = r;
+    [M[i], M[p]] = [M[p], M[i]];
+    for (let r = 0; r < n; r++) {
+      if (r === i) continue;
+      const f = M[r][i] / M[i][i];
+      for (let k = i; k <= n; k++) M[r][k] -= f * M[i][k];
+    }
+  }
+  const a = Float32Array.from(M, (row, i) => row[n] / row[i]);
+  const fr = Math.fround;
+  for (let j = 0; j < L; j++) {
+    const x = fr(j - (L - 1) / 2);
+    const x2 = fr(x * x);
+    let p = a[n - 1];
+    for (let k = n - 2; k >= 0; k--) p = fr(p * x2 + a[k]);
+    const v = fr(p * x);
+    if (!(Math.abs(v - centroids[j]) <= 2.5e-7 * Math.abs(centroids[j]))) return null;
+  }
+  return a;
 }
 
 /**
@@ -262,17 +337,17 @@ export function loopIterations(k: KernelShape, chunk: number): number {
   const unit = sb * B;
   const steps = Math.ceil(chunk / LANES);
   if (k.unrolled) return 2 * units * (1 + steps) + 2 * steps + R * LANES;
-  const kStep = 1 + k.kLoads * (1 + k.kVec) + R + sb * (1 + R + B * (1 + R) + R) +
+  const kStep = 1 + k.kLoads * (1 + k.kVec) + R + sb + sb * (1 + R + B * (1 + R) + R) +
     (prod ? Math.ceil(unit / 32) + R * (1 + unit) : 0) + R;
   const kUnit = 1 + R * (1 + unit / 4) * (prod ? 2 : 1) + steps * kStep;
   const softmax = R + steps * (1 + R) + R + R * (1 + LANES) + R + steps * (1 + R);
-  const vStep = 1 + k.vLoads * (1 + k.vVec) + R + sb * (1 + R + B * (1 + R));
+  const vStep = 1 + k.vLoads * (1 + k.vVec) + R + sb + sb * (1 + R + B * (1 + R));
   const vUnit = 1 + R * unit + steps * vStep + R * (1 + unit / 4);
   return R + units * (kUnit + vUnit) + softmax;
 }
 
 /** The binding and loads of the rotated queries (QR) and their projections (SQ). */
-export function queryBindings(uniform: boolean): string {
+function queryBindings(uniform: boolean): string {
   const decl = (binding: number, name: string) =>
     uniform
       ? `@group(0) @binding(${binding}) var<uniform> ${name}: array<vec4<f32>, ${UBO_VEC4}>;`
@@ -431,9 +506,11 @@ export class TurboQuantAttention {
       Number.isInteger(tl) && tl >= 8 && tl <= 4096 && tl % 8 === 0,
       `TurboQuantAttention: tokensPerLane ${tl} is not a multiple of 8 from 8 to 4096`,
     );
-    // Units: the fewest whole blocks whose codes fill whole words for both codecs.
+    // Units: the fewest whole blocks whose codes fill whole words for both codecs (at least
+    // unitBlocks blocks: bigger units load wider and compile longer).
     const nb = keyCodec.numBlocks;
     let sb = 1;
+    while (sb < (options.unitBlocks ?? 2) && nb % (2 * sb) === 0) sb *= 2;
     const whole = (bits: number) => (sb * keyCodec.blockSize * bits) % 32 === 0;
     while (
       sb < nb && nb % (2 * sb) === 0 && !(whole(keyCodec.codeBits) && whole(valueCodec.codeBits))
@@ -466,8 +543,8 @@ export class TurboQuantAttention {
       CODE_BITS: valueCodec.codeBits,
       LEVELS: 1 << valueCodec.codeBits,
     };
-    const helpers = codecHelpers("k", kUW, keyCodec.centroids) + "\n" +
-      codecHelpers("v", vUW, valueCodec.centroids);
+    const helpers = codecHelpers("k", kUW, keyCodec.centroids, options.polynomial ?? true) + "\n" +
+      codecHelpers("v", vUW, valueCodec.centroids, options.polynomial ?? true);
     const mainFor = async (rows: number): Promise<MainPipeline> => {
       const constants = {
         ...shared,
@@ -618,7 +695,7 @@ export class TurboQuantAttention {
    * of `rows` into `out` (same shape). Call `releaseTransient()` once the work was submitted.
    */
   record(
-    encoder: GPUCommandEncoder,
+    target: GPUCommandEncoder | TqRecorder,
     rows: TqAttentionRows,
     seqLen: number,
     q: GPUBuffer,
@@ -663,6 +740,9 @@ export class TurboQuantAttention {
     const uniforms = new Uniforms(this.device);
     const jobs: (() => void)[] = [];
     const timer = o.timer;
+    const encoder: Passes = "encoder" in target
+      ? { begin: (label) => target.beginComputePass(label) }
+      : { begin: (label, t) => target.beginComputePass({ label, timestampWrites: t }) };
 
     // Pass 1: rotate (and project) the queries.
     const qRows = numHeads * qTokens;
@@ -822,7 +902,15 @@ export class TurboQuantAttention {
         )
       );
     }
-    this.#transient.push(uniforms.upload("turboquant/tq-attention-params"));
+    const recorder = "encoder" in target ? target : null;
+    const label = "turboquant/tq-attention-params";
+    if (recorder?.scratch) {
+      uniforms.adopt(
+        recorder.scratch(label, uniforms.size, GPUBufferUsage.UNIFORM, uniforms.bytes()),
+      );
+    } else {
+      this.#transient.push(uniforms.upload(label));
+    }
     for (const job of jobs) job();
   }
 
@@ -870,7 +958,7 @@ export class TurboQuantAttention {
   }
 
   #dispatch(
-    encoder: GPUCommandEncoder,
+    encoder: Passes,
     timer: TqAttentionCall["timer"],
     pipeline: GPUComputePipeline,
     resources: (GPUBufferBinding | null)[],
@@ -887,15 +975,17 @@ export class TurboQuantAttention {
       layout: pipeline.getBindGroupLayout(0),
       entries,
     });
-    const pass = encoder.beginComputePass({
-      label: pipeline.label,
-      timestampWrites: timer?.passTimestamps(),
-    });
+    const pass = encoder.begin(pipeline.label, timer?.passTimestamps());
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
     pass.dispatchWorkgroups(x, y, z);
     pass.end();
   }
+}
+
+/** Begins compute passes on a bare encoder or through a recorder. */
+interface Passes {
+  begin(label: string, timestampWrites?: GPUComputePassTimestampWrites): GPUComputePassEncoder;
 }
 
 /** The uniform structs of one call, in one buffer at aligned offsets. */
@@ -920,16 +1010,32 @@ class Uniforms {
     return this.#parts.length - 1;
   }
 
+  /** Bytes of the buffer. */
+  get size(): number {
+    return roundUp(Math.max(this.#size, 16), 16);
+  }
+
+  /** The packed contents. */
+  bytes(): Uint8Array {
+    const out = new Uint8Array(this.size);
+    this.#parts.forEach((p, i) => out.set(p, this.#offsets[i]));
+    return out;
+  }
+
+  /** Uses a buffer made elsewhere (already holding `bytes()`). */
+  adopt(buffer: GPUBuffer): void {
+    this.#buffer = buffer;
+  }
+
   upload(label: string): GPUBuffer {
     if (this.#buffer) return this.#buffer;
     const buffer = this.#device.createBuffer({
       label,
-      size: roundUp(Math.max(this.#size, 16), 16),
+      size: this.size,
       usage: GPUBufferUsage.UNIFORM,
       mappedAtCreation: true,
     });
-    const view = new Uint8Array(buffer.getMappedRange());
-    this.#parts.forEach((p, i) => view.set(p, this.#offsets[i]));
+    new Uint8Array(buffer.getMappedRange()).set(this.bytes());
     buffer.unmap();
     return this.#buffer = buffer;
   }

@@ -83,7 +83,7 @@ export class TurboQuantKVCache extends KVCacheBase {
   readonly #keys: TurboQuantCoder;
   readonly #values: TurboQuantCoder;
   readonly #means: GPUBuffer[];
-  #attention: Promise<TurboQuantAttention> | null = null;
+  readonly #attention = new Map<number, Promise<TurboQuantAttention>>();
 
   /**
    * Creates an empty cache (buffers are allocated by the first append unless
@@ -292,23 +292,28 @@ export class TurboQuantKVCache extends KVCacheBase {
     };
   }
 
-  /** Fused attention over the packed codes (split-K, then a merge pass). */
-  protected override async attentionEncoder(_shape: AttentionShape): Promise<AttentionEncoder> {
-    this.#attention ??= TurboQuantAttention.create(
-      this.device,
-      this.keyCodec,
-      this.valueCodec,
-      this.numKvHeads,
-    );
-    const attention = await this.#attention;
+  /** Fused attention over the packed codes (rotate queries, split-K, merge). */
+  protected override async attentionEncoder(shape: AttentionShape): Promise<AttentionEncoder> {
+    // One kernel object per GQA group size: its pipelines are specialised for it.
+    const group = shape.numHeads / this.numKvHeads;
+    let kernel = this.#attention.get(group);
+    if (!kernel) {
+      kernel = TurboQuantAttention.create(
+        this.device,
+        this.keyCodec,
+        this.valueCodec,
+        this.numKvHeads,
+        { group },
+      );
+      this.#attention.set(group, kernel);
+      kernel.catch(() => this.#attention.delete(group));
+    }
+    const attention = await kernel;
     const prod = this.keyCodec.mode === "prod";
     return (job) => {
-      // Every earlier call was submitted when its encoder returned (recording and submit
-      // happen in one synchronous step), so its per-call buffers can go now.
-      attention.releaseTransient();
       const st = job.storage;
       attention.record(
-        job.encoder,
+        job,
         {
           kIndex: st.buffer("kIndex"),
           kScales: st.buffer("kScales"),
@@ -325,7 +330,6 @@ export class TurboQuantKVCache extends KVCacheBase {
           qTokens: job.qTokens,
           scale: job.scale,
           causal: job.causal,
-          timer: job,
         },
       );
     };
@@ -334,7 +338,8 @@ export class TurboQuantKVCache extends KVCacheBase {
   /** Frees every GPU buffer, the attention kernels' scratch included. */
   override destroy(): void {
     super.destroy();
-    this.#attention?.then((a) => a.destroy(), () => {});
+    for (const kernel of this.#attention.values()) kernel.then((a) => a.destroy(), () => {});
+    this.#attention.clear();
   }
 
   /** Decodes rows on the GPU (adding the key mean back). */
