@@ -50,3 +50,11 @@ export class TurboQuantError extends Error {
 export function check(ok: boolean, message: string): asserts ok {
   if (!ok) throw new TurboQuantError("invalid-argument", message);
 }
+
+/** A short description of a rejected value for error messages: `Float32Array(10)`, `"f64"`. */
+export function describe(x: unknown): string {
+  if (ArrayBuffer.isView(x)) return `${x.constructor.name}(${(x as Uint8Array).length})`;
+  if (Array.isArray(x)) return `Array(${x.length})`;
+  if (typeof x === "string") return JSON.stringify(x);
+  return String(x);
+}

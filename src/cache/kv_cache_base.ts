@@ -8,7 +8,7 @@
  * @module
  */
 
-import { check, TurboQuantError } from "../errors.ts";
+import { check, describe, TurboQuantError } from "../errors.ts";
 import {
   checkDeviceAlive,
   toTurboQuantError,
@@ -245,13 +245,6 @@ class OperationContext {
 
 function isInt(n: unknown): n is number {
   return typeof n === "number" && Number.isInteger(n);
-}
-
-function describe(x: unknown): string {
-  if (x instanceof Float32Array) return `Float32Array(${x.length})`;
-  if (ArrayBuffer.isView(x)) return `${x.constructor.name}(${(x as Uint8Array).length})`;
-  if (typeof x === "string") return JSON.stringify(x);
-  return String(x);
 }
 
 /**

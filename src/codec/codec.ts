@@ -10,7 +10,7 @@
  * @module
  */
 
-import { check, TurboQuantError } from "../errors.ts";
+import { check, describe, TurboQuantError } from "../errors.ts";
 import { SplitMix32 } from "./_prng.ts";
 import { lloydMaxCodebook } from "./codebook.ts";
 import { F16_MAX, f16Bits, f16Value } from "./f16.ts";
@@ -442,13 +442,4 @@ function qjlMatrix(seed: number, d: number): Float32Array {
   const m = new Float32Array(d * d);
   for (let i = 0; i < m.length; i++) m[i] = rng.nextGaussian();
   return m;
-}
-
-function describe(x: unknown): string {
-  if (x === null || x === undefined) return String(x);
-  if (ArrayBuffer.isView(x)) {
-    return `${x.constructor.name} of ${(x as unknown as { length: number }).length} values`;
-  }
-  if (Array.isArray(x)) return `an array of ${x.length} values`;
-  return typeof x === "object" ? (x.constructor?.name ?? "object") : `${typeof x} ${String(x)}`;
 }
