@@ -5,15 +5,16 @@
  * centring), and q4_0 on centred keys. Progress goes to stderr, the table to stdout.
  *
  *   deno run -A examples/eval.ts [--model path] [--text file] [--mode prefill|decode]
- *     [--chunk-size N] [--cache simulated|gpu] [--json]
+ *     [--chunk-size N] [--cache gpu|simulated] [--json]
  *
- * `--cache simulated` (default) runs the CPU codec simulation; `--cache gpu` runs the library's
- * `TurboQuantKVCache` (looked up on mod.ts at run time) for the TurboQuant rows.
+ * `--cache gpu` (default) holds every layer's K/V in the library's `TurboQuantKVCache`;
+ * `--cache simulated` round-trips them through the CPU codec instead (same codes, faster here).
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
+import { requestTurboQuantDevice, TurboQuantKVCache } from "../mod.ts";
 import type { AttentionBackend } from "./llama2c/attention_backend.ts";
 import {
   type CacheFactory,
@@ -25,21 +26,11 @@ import {
 import { DEFAULT_MODEL_URL, type LlamaConfig, loadModel } from "./llama2c/model.ts";
 import { Tokenizer } from "./llama2c/tokenizer.ts";
 
-type KVCacheClass = new (device: GPUDevice, options: Record<string, unknown>) => AttentionBackend;
-
-/** The GPU TurboQuant cache as a {@linkcode CacheFactory} (looked up on mod.ts at run time). */
+/** The GPU TurboQuant cache as a {@linkcode CacheFactory}. */
 export async function gpuTurboQuant(): Promise<CacheFactory> {
-  const mod = await import(new URL("../mod.ts", import.meta.url).href) as Record<string, unknown>;
-  const request = mod.requestTurboQuantDevice as (() => Promise<GPUDevice>) | undefined;
-  const Cache = mod.TurboQuantKVCache as KVCacheClass | undefined;
-  if (typeof request !== "function" || typeof Cache !== "function") {
-    throw new Error(
-      "--cache gpu: mod.ts does not export TurboQuantKVCache and requestTurboQuantDevice yet",
-    );
-  }
-  const device = await request();
+  const device = await requestTurboQuantDevice();
   return (spec: CacheSpec) => (config: LlamaConfig): AttentionBackend =>
-    new Cache(device, {
+    new TurboQuantKVCache(device, {
       numLayers: config.numLayers,
       numKvHeads: config.numKvHeads,
       headDim: config.headDim,
@@ -58,7 +49,7 @@ async function main(args: string[]): Promise<void> {
       text: { type: "string" },
       mode: { type: "string", default: "prefill" },
       "chunk-size": { type: "string" },
-      cache: { type: "string", default: "simulated" },
+      cache: { type: "string", default: "gpu" },
       json: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -66,7 +57,7 @@ async function main(args: string[]): Promise<void> {
   if (values.help) {
     console.log(
       "usage: deno run -A examples/eval.ts [--model path] [--text file] " +
-        "[--mode prefill|decode] [--chunk-size N] [--cache simulated|gpu] [--json]",
+        "[--mode prefill|decode] [--chunk-size N] [--cache gpu|simulated] [--json]",
     );
     return;
   }
