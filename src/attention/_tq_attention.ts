@@ -13,7 +13,7 @@
 
 import type { TurboQuantCodec } from "../codec/codec.ts";
 import { check, TurboQuantError } from "../errors.ts";
-import { createBuffer, STORAGE_USAGE } from "../gpu/_buffers.ts";
+import { createBuffer, rowWindow, STORAGE_USAGE } from "../gpu/_buffers.ts";
 import { composeShader, getPipeline } from "../gpu/_pipelines.ts";
 import { uniformLayout } from "../gpu/_uniforms.ts";
 import { TQ_COMMON_WGSL } from "../_shaders/_tq_common.ts";
@@ -366,12 +366,6 @@ interface MainPipeline {
   /** Queries come from a uniform buffer: a dispatch's rows must fit 64 KiB. */
   uniformQueries: boolean;
   pipeline: GPUComputePipeline;
-}
-
-/** Row range of the cache bound for one dispatch. */
-interface Window {
-  binding: GPUBufferBinding;
-  wordOffset: number;
 }
 
 /** What one `record` call does (see `plan`). */
@@ -820,7 +814,8 @@ export class TurboQuantAttention {
       const SQ = prod ? queryWindow(qrRegion, row0, gRows) : Q;
       for (let w0 = 0; w0 < seqLen; w0 += windowTokens) {
         const wn = Math.min(windowTokens, seqLen - w0);
-        const win = (buffer: GPUBuffer, words: number) => this.#window(buffer, words, w0, wn);
+        const win = (buffer: GPUBuffer, words: number) =>
+          rowWindow(this.device, buffer, words, w0, wn);
         const K = win(rows.kIndex, kw);
         const KS = win(rows.kScales, ksw);
         const V = win(rows.vIndex, vw);
@@ -946,15 +941,6 @@ export class TurboQuantAttention {
     if (which === "qr") this.#qr = buffer;
     else this.#part = buffer;
     return buffer;
-  }
-
-  #window(buffer: GPUBuffer, rowWords: number, first: number, count: number): Window {
-    const start = first * rowWords * 4;
-    const align = this.device.limits.minStorageBufferOffsetAlignment;
-    const offset = start - (start % align);
-    const end = Math.min(start + count * rowWords * 4, buffer.size);
-    const size = Math.min(Math.max(end - offset, 16), buffer.size - offset);
-    return { binding: { buffer, offset, size }, wordOffset: (start - offset) / 4 };
   }
 
   #dispatch(

@@ -7,6 +7,7 @@
  */
 
 import type { TurboQuantCodec } from "../codec/codec.ts";
+import { rowWindow } from "../gpu/_buffers.ts";
 import { composeShader, getPipeline } from "../gpu/_pipelines.ts";
 import { uniformLayout } from "../gpu/_uniforms.ts";
 import { TQ_COMMON_WGSL } from "../_shaders/_tq_common.ts";
@@ -67,10 +68,15 @@ export interface CodecRows {
   norms?: GPUBuffer;
 }
 
-/** A range of rows bound for a dispatch: the bound window and the word offset inside it. */
-interface RowWindow {
-  binding: GPUBufferBinding;
-  wordOffset: number;
+/** Per-token row sizes of a cache with `heads` KV heads coded by `codec`. */
+export function rowWordsOf(codec: TurboQuantCodec, heads: number): RowWords {
+  const prod = codec.mode === "prod";
+  return {
+    index: heads * codec.wordsPerVector,
+    scales: Math.ceil((heads * codec.numBlocks) / 2),
+    signs: prod ? heads * codec.signWordsPerVector : 0,
+    norms: prod ? Math.ceil(heads / 2) : 0,
+  };
 }
 
 /** The f32 tables every kernel reads: signs, boundaries, centroids, scale factors. */
@@ -132,13 +138,7 @@ export class TurboQuantCoder {
     this.device = device;
     this.codec = codec;
     this.heads = heads;
-    const prod = codec.mode === "prod";
-    this.rowWords = {
-      index: heads * codec.wordsPerVector,
-      scales: Math.ceil((heads * codec.numBlocks) / 2),
-      signs: prod ? heads * codec.signWordsPerVector : 0,
-      norms: prod ? Math.ceil(heads / 2) : 0,
-    };
+    this.rowWords = rowWordsOf(codec, heads);
     this.#tables = makeBuffer("codec-tables", tablesOf(codec));
     this.#qjl = codec.qjlMatrix ? makeBuffer("qjl-matrix", codec.qjlMatrix) : undefined;
   }
@@ -224,8 +224,8 @@ export class TurboQuantCoder {
       residual,
     ], [ex, ey]);
 
-    const index = this.#window(rows.index, this.rowWords.index, firstToken, tokens);
-    const scaleRows = this.#window(rows.scales, this.rowWords.scales, firstToken, tokens);
+    const index = rowWindow(this.device, rows.index, this.rowWords.index, firstToken, tokens);
+    const scaleRows = rowWindow(this.device, rows.scales, this.rowWords.scales, firstToken, tokens);
     const words = tokens * (this.rowWords.index + this.rowWords.scales);
     const [px, py] = grid(words, this.device);
     this.#dispatch(rec, this.#pipelines.pack!, [
@@ -243,8 +243,8 @@ export class TurboQuantCoder {
     ], [px, py]);
 
     if (this.#pipelines.sketch && rows.signs && rows.norms) {
-      const signs = this.#window(rows.signs, this.rowWords.signs, firstToken, tokens);
-      const norms = this.#window(rows.norms, this.rowWords.norms, firstToken, tokens);
+      const signs = rowWindow(this.device, rows.signs, this.rowWords.signs, firstToken, tokens);
+      const norms = rowWindow(this.device, rows.norms, this.rowWords.norms, firstToken, tokens);
       const [sx, sy] = grid(tokens * (this.rowWords.signs + this.rowWords.norms), this.device);
       this.#dispatch(rec, this.#pipelines.sketch, [
         rec.uniforms.slot(SKETCH_PARAMS.pack({
@@ -274,8 +274,8 @@ export class TurboQuantCoder {
     keyMean: GPUBuffer | null,
     dst: { buffer: GPUBuffer; seqLen: number; first: number },
   ): void {
-    const index = this.#window(rows.index, this.rowWords.index, firstToken, tokens);
-    const scales = this.#window(rows.scales, this.rowWords.scales, firstToken, tokens);
+    const index = rowWindow(this.device, rows.index, this.rowWords.index, firstToken, tokens);
+    const scales = rowWindow(this.device, rows.scales, this.rowWords.scales, firstToken, tokens);
     const [x, y] = grid(tokens * this.heads * this.codec.numBlocks, this.device);
     this.#dispatch(rec, this.#pipelines.dequantize!, [
       rec.uniforms.slot(DEQUANTIZE_PARAMS.pack({
@@ -294,17 +294,6 @@ export class TurboQuantCoder {
       { buffer: keyMean ?? this.#tables },
       { buffer: dst.buffer },
     ], [x, y]);
-  }
-
-  /** The window of rows `first .. first + count` (rowWords words each) of `buffer`. */
-  #window(buffer: GPUBuffer, rowWords: number, first: number, count: number): RowWindow {
-    const start = first * rowWords * 4;
-    const offset = start - (start % this.device.limits.minStorageBufferOffsetAlignment);
-    const size = start + count * rowWords * 4 - offset;
-    return {
-      binding: { buffer, offset, size: Math.max(4, size) },
-      wordOffset: (start - offset) / 4,
-    };
   }
 
   #dispatch(

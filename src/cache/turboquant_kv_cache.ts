@@ -10,7 +10,7 @@ import { type EncodedVectors, TurboQuantCodec } from "../codec/codec.ts";
 import { check } from "../errors.ts";
 import { readBuffer } from "../gpu/_buffers.ts";
 import { TurboQuantAttention } from "../attention/_tq_attention.ts";
-import { type CodecRows, type Recorder, TurboQuantCoder } from "./_tq_coder.ts";
+import { type CodecRows, type Recorder, rowWordsOf, TurboQuantCoder } from "./_tq_coder.ts";
 import {
   type AppendEncoder,
   type AttentionEncoder,
@@ -130,22 +130,19 @@ export class TurboQuantKVCache extends KVCacheBase {
       keyCodec.blockSize <= 256,
       `blockSize ${keyCodec.blockSize} is larger than the GPU kernels' 256`,
     );
-    const rows = (words: number) => 4 * words;
-    const kw = {
-      index: numKvHeads * keyCodec.wordsPerVector,
-      scales: Math.ceil(numKvHeads * keyCodec.numBlocks / 2),
-    };
+    const k = rowWordsOf(keyCodec, numKvHeads);
+    const v = rowWordsOf(valueCodec, numKvHeads);
     const specs = [
-      { name: "kIndex", bytesPerToken: rows(kw.index) },
-      { name: "kScales", bytesPerToken: rows(kw.scales) },
+      { name: "kIndex", bytesPerToken: 4 * k.index },
+      { name: "kScales", bytesPerToken: 4 * k.scales },
       ...(keyCodec.mode === "prod"
         ? [
-          { name: "kSigns", bytesPerToken: rows(numKvHeads * keyCodec.signWordsPerVector) },
-          { name: "kNorms", bytesPerToken: rows(Math.ceil(numKvHeads / 2)) },
+          { name: "kSigns", bytesPerToken: 4 * k.signs },
+          { name: "kNorms", bytesPerToken: 4 * k.norms },
         ]
         : []),
-      { name: "vIndex", bytesPerToken: rows(numKvHeads * valueCodec.wordsPerVector) },
-      { name: "vScales", bytesPerToken: rows(Math.ceil(numKvHeads * valueCodec.numBlocks / 2)) },
+      { name: "vIndex", bytesPerToken: 4 * v.index },
+      { name: "vScales", bytesPerToken: 4 * v.scales },
     ];
     super(device, options, specs, "turboquant/turboquant-kv-cache");
     this.keyCodec = keyCodec;

@@ -421,7 +421,7 @@ export class TurboQuantCodec {
 }
 
 /** The largest power of two up to 32 that divides headDim. */
-export function defaultBlockSize(headDim: number): number {
+function defaultBlockSize(headDim: number): number {
   let b = 32;
   while (headDim % b !== 0) b >>= 1;
   return b;

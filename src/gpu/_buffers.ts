@@ -11,6 +11,29 @@ import { awaitGpu } from "./_errors.ts";
 export const STORAGE_USAGE: number = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC |
   GPUBufferUsage.COPY_DST;
 
+/** Rows `first .. first + count` of a token-major buffer, bound for one dispatch. */
+export interface RowWindow {
+  /** Binding at an offset aligned to minStorageBufferOffsetAlignment. */
+  binding: GPUBufferBinding;
+  /** Word offset of row `first` inside the binding. */
+  wordOffset: number;
+}
+
+/** Binds rows `first .. first + count` (each `rowWords` u32 words) of `buffer`. */
+export function rowWindow(
+  device: GPUDevice,
+  buffer: GPUBuffer,
+  rowWords: number,
+  first: number,
+  count: number,
+): RowWindow {
+  const start = first * rowWords * 4;
+  const offset = start - (start % device.limits.minStorageBufferOffsetAlignment);
+  const end = Math.min(start + count * rowWords * 4, buffer.size);
+  const size = Math.min(Math.max(end - offset, 16), buffer.size - offset);
+  return { binding: { buffer, offset, size }, wordOffset: (start - offset) / 4 };
+}
+
 /** Rounds `n` up to a multiple of `m`. */
 export function roundUp(n: number, m: number): number {
   return Math.ceil(n / m) * m;
